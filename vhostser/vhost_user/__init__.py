@@ -1,0 +1,40 @@
+"""vhost-user: the message table, the sans-io back-end state machine and its trio connection."""
+
+from .backend import PROTOCOL_FEATURES, Backend, Outcome
+from .connection import receive_message, send_backend_request, serve_connection
+from .device import Device
+from .errors import FramingError, MessageError, UnknownRequestError, VhostUserError
+from .messages import (
+    F_PROTOCOL_FEATURES,
+    BackendRequest,
+    Header,
+    Message,
+    ProtocolFeature,
+    Request,
+    decode,
+    encode,
+)
+from .vring import Vring
+
+__all__ = [
+    "F_PROTOCOL_FEATURES",
+    "PROTOCOL_FEATURES",
+    "Backend",
+    "BackendRequest",
+    "Device",
+    "FramingError",
+    "Header",
+    "Message",
+    "MessageError",
+    "Outcome",
+    "ProtocolFeature",
+    "Request",
+    "UnknownRequestError",
+    "VhostUserError",
+    "Vring",
+    "decode",
+    "encode",
+    "receive_message",
+    "send_backend_request",
+    "serve_connection",
+]

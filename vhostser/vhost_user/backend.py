@@ -1,0 +1,425 @@
+"""The device-independent vhost-user back-end state machine (sans-io).
+
+`Backend.receive(header, body, fds)` takes one framed message and returns an `Outcome`: the
+bytes to send back (if any) and whether the connection must close. No sockets and no trio in
+here; the only system calls are the ones the state itself is made of (mmap of guest memory,
+closing received fds, eventfd writes through `Vring`). The trio layer in `connection.py` only
+moves bytes and fds in and out.
+
+Error policy, in one place (see `receive`):
+- a message that cannot be framed or trusted → close the connection (FramingError);
+- a well-framed but invalid request → log a line naming it, answer a failure ack when the front
+  end asked for one (REPLY_ACK + NEED_REPLY), ignore it otherwise and carry on;
+- an invalid request the front end waits a real answer for (GET_*) → close the connection,
+  since no answer we could give would be true.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from virtqueue import MAX_QUEUE_SIZE, GuestMemoryError, MappedMemory, VirtqueueError
+
+from .device import Device
+from .errors import FramingError, MessageError, UnknownRequestError
+from .messages import (
+    F_PROTOCOL_FEATURES,
+    REQUESTS,
+    BackendRequest,
+    ConfigSpace,
+    Header,
+    MemoryTable,
+    Message,
+    Payload,
+    ProtocolFeature,
+    Request,
+    SingleMemoryRegion,
+    U64,
+    VringAddr,
+    VringFile,
+    VringState,
+    decode,
+    encode,
+    encode_reply,
+    request_name,
+)
+from .vring import Vring, _close
+
+log = logging.getLogger("vhostser.vhost_user")
+
+VIRTIO_F_RING_INDIRECT_DESC = 1 << 28
+VIRTIO_F_RING_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+STATUS_NEEDS_RESET = 0x40
+
+# What this back end implements, whatever the device: the protocol features the issue lists.
+PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.STATUS
+)
+# KVM's memory-slot limit, which is also what QEMU and libvhost-user use.
+MAX_MEM_SLOTS = 509
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the connection does after one message."""
+
+    reply: bytes | None = None
+    close: bool = False
+
+
+class Backend:
+    """vhost-user protocol state for one device, across front-end connections.
+
+    One instance lives as long as the device: a reconnecting front end meets the same device
+    (its sessions survive); `disconnected()` drops what belonged to the old connection.
+    """
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.memory: MappedMemory | None = None
+        self.owned = False
+        self.acked_features = 0
+        self.acked_protocol_features = ProtocolFeature(0)
+        self.status = 0
+        self.needs_reset = False
+        self.backend_req_fd: int | None = None
+        self._handlers: dict[Request, Callable[[Message], Payload | None]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_device,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_file,
+            Request.SET_VRING_CALL: self._set_vring_file,
+            Request.SET_VRING_ERR: self._set_vring_file,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+            Request.RESET_DEVICE: self._reset_device,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
+        }
+        assert self._handlers.keys() == REQUESTS.keys(), "request table and handlers disagree"
+
+    # ------------------------------------------------------------------ entry point
+
+    def receive(self, header: Header, body: bytes, fds: Sequence[int]) -> Outcome:
+        """Handle one framed message; takes ownership of `fds` (closed unless kept)."""
+        name = request_name(header.request)
+        try:
+            msg = decode(header, body, fds)
+            log.debug("%s flags=0x%x %s fds=%d", name, msg.flags, msg.payload, len(msg.fds))
+            # A handler owns the fds once it returns; if it raises, it has kept none of them.
+            result = self._handlers[msg.request](msg)
+        except MessageError as e:
+            for fd in fds:
+                _close(fd)
+            expects_answer = not isinstance(e, UnknownRequestError) and (
+                REQUESTS[Request(header.request)].reply is not None
+            )
+            if expects_answer:
+                log.warning("%s: rejected, closing the connection: %s", name, e)
+                return Outcome(close=True)
+            log.warning("%s: rejected: %s", name, e)
+            if header.need_reply and self._reply_ack:
+                return Outcome(encode_reply(header.request, U64(1)))
+            return Outcome()
+        if msg.spec.reply is not None:
+            assert result is not None
+            return Outcome(encode_reply(msg.request, result))
+        if msg.need_reply and self._reply_ack:
+            return Outcome(encode_reply(msg.request, U64(0)))
+        return Outcome()
+
+    @property
+    def _reply_ack(self) -> bool:
+        return bool(self.acked_protocol_features & ProtocolFeature.REPLY_ACK)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise MessageError(f"vring index {index} ≥ the device's {len(self.vrings)} queues")
+        return self.vrings[index]
+
+    @property
+    def _protocol_features_negotiated(self) -> bool:
+        return bool(self.acked_features & F_PROTOCOL_FEATURES)
+
+    def _update(self, vring: Vring) -> None:
+        """Start or stop the vring so that it runs exactly when everything it needs is there."""
+        ready = (
+            vring.kick_fd is not None
+            and vring.size > 0
+            and vring.addr is not None
+            and self.memory is not None
+            and (vring.enabled or not self._protocol_features_negotiated)
+        )
+        if ready and not vring.started:
+            assert self.memory is not None
+            try:
+                vring.build_queue(self.memory, bool(self.acked_features & VIRTIO_F_RING_EVENT_IDX))
+            except VirtqueueError as e:
+                log.warning("vring %d: cannot start: %s", vring.index, e)
+                return
+            log.debug("vring %d started at avail %d", vring.index, vring.base)
+            self.device.queue_started(vring)
+        elif not ready and vring.started:
+            self._stop(vring)
+
+    def _stop(self, vring: Vring) -> None:
+        if vring.started:
+            self.device.queue_stopped(vring)
+            vring.drop_queue()
+            log.debug("vring %d stopped at avail %d", vring.index, vring.base)
+
+    def _stop_all(self) -> list[Vring]:
+        running = [v for v in self.vrings if v.started]
+        for v in running:
+            self._stop(v)
+        return running
+
+    def mark_needs_reset(self, vring: Vring | None, reason: str) -> None:
+        """The device found the driver's state unusable: DEVICE_NEEDS_RESET, per virtio."""
+        log.error("device needs reset%s: %s", f" (vring {vring.index})" if vring else "", reason)
+        self.needs_reset = True
+        if vring is not None:
+            vring.signal_error()
+
+    def config_change_message(self) -> bytes:
+        """CONFIG_CHANGE_MSG for the back-end channel (NEED_REPLY when acks are on)."""
+        return encode(
+            BackendRequest.CONFIG_CHANGE_MSG, U64(0), flags=0x8 if self._reply_ack else 0
+        )
+
+    def disconnected(self) -> None:
+        """The front end went away: stop every ring and drop what belonged to its connection.
+        Device state (and so sessions) stays: a reconnecting front end continues it."""
+        self._stop_all()
+        for v in self.vrings:
+            for which in ("kick", "call", "err"):
+                v.set_fd(which, None)
+            v.enabled = False
+        _close(self.backend_req_fd)
+        self.backend_req_fd = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        self.owned = False
+        self.acked_protocol_features = ProtocolFeature(0)
+
+    # ------------------------------------------------------------------ handlers
+
+    def _get_features(self, msg: Message) -> Payload:
+        return U64(self.device.features | F_PROTOCOL_FEATURES)
+
+    def _set_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        offered = self.device.features | F_PROTOCOL_FEATURES
+        if msg.payload.value & ~offered:
+            raise MessageError(
+                f"features 0x{msg.payload.value:x} include bits never offered "
+                f"(0x{msg.payload.value & ~offered:x})"
+            )
+        self.acked_features = msg.payload.value
+        self.device.features_acked(msg.payload.value & ~F_PROTOCOL_FEATURES)
+        for v in self.vrings:
+            self._update(v)
+
+    def _set_owner(self, msg: Message) -> None:
+        if self.owned:
+            raise MessageError("the session already has an owner")
+        self.owned = True
+
+    def _reset_device(self, msg: Message) -> None:
+        self._stop_all()
+        self.device.reset()
+        for v in self.vrings:
+            v.reset()
+        self.acked_features = 0
+        self.status = 0
+        self.needs_reset = False
+
+    def _get_protocol_features(self, msg: Message) -> Payload:
+        return U64(PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        if msg.payload.value & ~PROTOCOL_FEATURES:
+            raise MessageError(
+                f"protocol features 0x{msg.payload.value:x} include bits never offered"
+            )
+        self.acked_protocol_features = ProtocolFeature(msg.payload.value)
+
+    def _get_queue_num(self, msg: Message) -> Payload:
+        return U64(len(self.vrings))
+
+    def _get_max_mem_slots(self, msg: Message) -> Payload:
+        return U64(MAX_MEM_SLOTS)
+
+    def _replace_memory(self, change: Callable[[MappedMemory], None]) -> None:
+        """Apply a memory-table change with every ring stopped around it, since rings hold views
+        into the mappings; they restart at the same position once the change is done."""
+        running = self._stop_all()
+        mem = self.memory if self.memory is not None else MappedMemory()
+        try:
+            change(mem)
+        finally:
+            self.memory = mem
+            for v in running:
+                self._update(v)
+
+    def _set_mem_table(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemoryTable)
+        fresh = MappedMemory()
+        try:
+            for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
+                fresh.add(region, fd)
+        except GuestMemoryError as e:
+            fresh.close()
+            raise MessageError(f"cannot map region: {e}") from None
+        for fd in msg.fds:
+            _close(fd)
+        running = self._stop_all()
+        if self.memory is not None:
+            self.memory.close()
+        self.memory = fresh
+        for v in running:
+            self._update(v)
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, SingleMemoryRegion)
+        region, fd = msg.payload.region, msg.fds[0]
+
+        def add(mem: MappedMemory) -> None:
+            try:
+                mem.add(region, fd)
+            except GuestMemoryError as e:
+                raise MessageError(f"cannot map region: {e}") from None
+            _close(fd)
+
+        self._replace_memory(add)
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, SingleMemoryRegion)
+        region = msg.payload.region
+
+        def remove(mem: MappedMemory) -> None:
+            try:
+                mem.remove(region.guest_phys_addr, region.size, region.userspace_addr)
+            except GuestMemoryError as e:
+                raise MessageError(f"no such region: {e}") from None
+
+        self._replace_memory(remove)
+        for fd in msg.fds:
+            _close(fd)
+
+    def _set_vring_num(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vring = self._vring(msg.payload.index)
+        num = msg.payload.num
+        limit = min(MAX_QUEUE_SIZE, self.device.max_queue_size)
+        if num == 0 or num & (num - 1) or num > limit:
+            raise MessageError(
+                f"vring {vring.index}: size {num} is not a power of two in 1..{limit}"
+            )
+        if vring.started:
+            raise MessageError(f"vring {vring.index}: cannot resize a started ring")
+        vring.size = num
+        self._update(vring)
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringAddr)
+        vring = self._vring(msg.payload.index)
+        # A new address for a running ring moves it: stop, take the address, restart.
+        self._stop(vring)
+        vring.addr = msg.payload
+        self._update(vring)
+
+    def _set_vring_base(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vring = self._vring(msg.payload.index)
+        if msg.payload.num > 0xFFFF:
+            raise MessageError(
+                f"vring {vring.index}: base {msg.payload.num} > 65535 (packed rings not offered)"
+            )
+        if vring.started:
+            raise MessageError(f"vring {vring.index}: cannot set the base of a started ring")
+        vring.base = vring.used_base = msg.payload.num
+
+    def _get_vring_base(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, VringState)
+        vring = self._vring(msg.payload.index)
+        self._stop(vring)
+        # The spec: the ring is stopped until the next SET_VRING_KICK.
+        vring.set_fd("kick", None)
+        return VringState(vring.index, vring.base)
+
+    def _set_vring_file(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringFile)
+        vring = self._vring(msg.payload.index)
+        fd = msg.fds[0] if msg.fds else None
+        if msg.request is Request.SET_VRING_KICK:
+            if fd is None:
+                raise MessageError(f"vring {vring.index}: polling mode (no kick fd) not supported")
+            # A new kick fd for a running ring: the device must wait on the new one.
+            self._stop(vring)
+            vring.set_fd("kick", fd)
+            self._update(vring)
+        elif msg.request is Request.SET_VRING_CALL:
+            vring.set_fd("call", fd)
+        else:
+            vring.set_fd("err", fd)
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vring = self._vring(msg.payload.index)
+        if msg.payload.num not in (0, 1):
+            raise MessageError(f"vring {vring.index}: enable value {msg.payload.num} is not 0/1")
+        vring.enabled = bool(msg.payload.num)
+        self._update(vring)
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        _close(self.backend_req_fd)
+        self.backend_req_fd = msg.fds[0]
+
+    def _get_config(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, ConfigSpace)
+        p = msg.payload
+        data = self.device.get_config(p.offset, p.size)
+        return ConfigSpace(p.offset, p.size, p.flags, data)
+
+    def _set_config(self, msg: Message) -> None:
+        assert isinstance(msg.payload, ConfigSpace)
+        self.device.set_config(msg.payload.offset, msg.payload.data)
+
+    def _set_status(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        if msg.payload.value > 0xFF:
+            raise MessageError(f"status 0x{msg.payload.value:x} does not fit the status byte")
+        self.status = msg.payload.value
+        self.device.status_changed(self.status)
+
+    def _get_status(self, msg: Message) -> Payload:
+        return U64(self.status | (STATUS_NEEDS_RESET if self.needs_reset else 0))

@@ -1,0 +1,130 @@
+"""The trio side of vhost-user: frame messages off a unix socket with their SCM_RIGHTS fds,
+hand them to the sans-io `Backend`, send its replies. Nothing here decides anything."""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+
+import trio
+
+from .backend import Backend
+from .errors import FramingError
+from .messages import FLAG_NEED_REPLY, HEADER, MAX_FDS, U64, Header, request_name
+
+log = logging.getLogger("vhostser.vhost_user")
+
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+# How long a back-end request (CONFIG_CHANGE_MSG) may wait for the front end's ack.
+BACKEND_REQUEST_TIMEOUT = 5.0
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+async def _recv_exact(sock: trio.socket.SocketType, n: int, fds: list[int]) -> bytes | None:
+    """Read exactly n bytes, collecting any fds that ride along; None on EOF before any byte."""
+    buf = bytearray()
+    while len(buf) < n:
+        data, ancdata, flags, _ = await sock.recvmsg(n - len(buf), _ANCILLARY_SPACE)
+        fds.extend(_fds_from(ancdata))
+        if flags & socket.MSG_CTRUNC:
+            raise FramingError(f"more than {MAX_FDS} fds attached to one message")
+        if not data:
+            if not buf:
+                return None
+            raise FramingError(f"connection closed {len(buf)} bytes into a {n}-byte read")
+        buf += data
+    return bytes(buf)
+
+
+async def receive_message(
+    sock: trio.socket.SocketType,
+) -> tuple[Header, bytes, list[int]] | None:
+    """One framed message (header, body, fds), or None at a clean end of stream."""
+    fds: list[int] = []
+    try:
+        head = await _recv_exact(sock, HEADER.size, fds)
+        if head is None:
+            return None
+        header = Header.unpack(head)
+        body = await _recv_exact(sock, header.size, fds) if header.size else b""
+        if body is None:
+            raise FramingError(f"{request_name(header.request)}: connection closed before body")
+    except BaseException:
+        _close_all(fds)
+        raise
+    return header, body, fds
+
+
+async def serve_connection(sock: trio.socket.SocketType, backend: Backend) -> None:
+    """Run one front end's conversation to its end; the backend outlives it."""
+    try:
+        while True:
+            try:
+                message = await receive_message(sock)
+            except FramingError as e:
+                log.warning("closing the front-end connection: %s", e)
+                return
+            except OSError as e:
+                log.warning("front-end connection failed: %s", e)
+                return
+            if message is None:
+                log.info("front end closed the connection")
+                return
+            outcome = backend.receive(*message)
+            if outcome.reply is not None:
+                try:
+                    await sock.send(outcome.reply)
+                except OSError as e:
+                    log.warning("front-end connection failed sending a reply: %s", e)
+                    return
+            if outcome.close:
+                return
+    finally:
+        backend.disconnected()
+
+
+async def send_backend_request(backend: Backend, message: bytes) -> bool:
+    """Send one back-end request (e.g. `backend.config_change_message()`) on the channel the
+    front end gave with SET_BACKEND_REQ_FD; wait for its ack when one was asked for.
+    Returns False (with a log line) when there is no channel or it failed."""
+    if backend.backend_req_fd is None:
+        log.info("no back-end request channel: front end not told of the change")
+        return False
+    sock = trio.socket.fromfd(backend.backend_req_fd, socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.send(message)
+        header = Header.unpack(message[: HEADER.size])
+        if header.flags & FLAG_NEED_REPLY:
+            with trio.move_on_after(BACKEND_REQUEST_TIMEOUT) as scope:
+                reply = await receive_message(sock)
+            if scope.cancelled_caught or reply is None:
+                log.warning("back-end request %d: no ack from the front end", header.request)
+                return False
+            _close_all(reply[2])
+            if len(reply[1]) != U64.SIZE or U64.unpack(reply[1]).value != 0:
+                log.warning("back-end request %d: the front end refused it", header.request)
+                return False
+            return True
+        return True
+    except (OSError, FramingError) as e:
+        log.warning("back-end request channel failed: %s", e)
+        return False
+    finally:
+        sock.close()

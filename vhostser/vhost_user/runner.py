@@ -1,0 +1,103 @@
+"""Running a started vring from trio: wait for kicks, drain chains, notify.
+
+The one loop every device queue uses, so the notification dance (disable, drain, re-enable,
+re-check) is written once. It waits on its own dup of the kick fd: the protocol core may close
+the original at any moment (a new SET_VRING_KICK, GET_VRING_BASE), and trio must never be
+left polling an fd number that was closed under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+
+from virtqueue import Chain, ChainError, RingError, SplitQueue
+
+from .vring import Vring
+
+log = logging.getLogger("vhostser.vhost_user")
+
+
+async def wait_eventfd(fd: int) -> int:
+    """Wait until the eventfd is signalled and consume its count."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.eventfd_read(fd)
+        except BlockingIOError:
+            continue
+
+
+def pop_chain(vring: Vring, queue: SplitQueue) -> Chain | None:
+    """The next good chain, or None. A bad chain is logged and given back empty, as
+    rust-vmm's virtio-queue does; a broken ring raises RingError for the runner to handle."""
+    while True:
+        try:
+            return queue.pop()
+        except ChainError as e:
+            log.warning("vring %d: bad descriptor chain %d skipped: %s", vring.index, e.head, e)
+            queue.push(e.head, 0)
+
+
+class VringRunner:
+    """Serves one started vring until cancelled.
+
+    `service()` does the device's work on the ring (pop, fill or consume, push) and returns
+    True if it stopped because the ring ran out of buffers (so kicks are wanted), False if it
+    stopped because the device side is blocked (no host data, a slow peer): then the device
+    calls `poke()` once it can go on, and the ring is not polled meanwhile.
+    """
+
+    def __init__(
+        self,
+        vring: Vring,
+        service: Callable[[], bool],
+        on_broken: Callable[[Vring, str], None],
+    ) -> None:
+        assert vring.queue is not None and vring.kick_fd is not None
+        self.vring = vring
+        self.queue = vring.queue
+        self._service = service
+        self._on_broken = on_broken
+        self._wake = trio.Event()
+
+    def poke(self) -> None:
+        """The device can make progress again: run `service` soon."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        kick = os.dup(self.vring.kick_fd)  # type: ignore[arg-type]
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_kicks, kick)
+                await self._serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(kick)
+
+    async def _watch_kicks(self, kick: int) -> None:
+        while True:
+            await wait_eventfd(kick)
+            self._wake.set()
+
+    async def _serve(self) -> None:
+        queue = self.queue
+        while self.vring.queue is queue:
+            self._wake = trio.Event()
+            queue.disable_notifications()
+            try:
+                wants_kicks = self._service()
+            except RingError as e:
+                # Nothing on this ring can be trusted until the driver resets the device.
+                self._on_broken(self.vring, str(e))
+                return
+            if self.vring.queue is not queue:
+                return  # stopped while serving
+            if queue.should_notify():
+                self.vring.notify()
+            if wants_kicks and queue.enable_notifications():
+                continue  # buffers arrived between the drain and re-enabling: no lost wakeup
+            await self._wake.wait()

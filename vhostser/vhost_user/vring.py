@@ -1,0 +1,99 @@
+"""One vring as the vhost-user front end configured it, and its notification fds."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from virtqueue import GuestMemory, SplitQueue
+
+from .messages import VringAddr
+
+log = logging.getLogger("vhostser.vhost_user")
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Vring:
+    """Configuration and run state of one virtqueue.
+
+    The front end sets it piece by piece (NUM, ADDR, BASE, KICK, CALL, ERR, ENABLE); `queue`
+    exists only while the ring is started, and `base`/`used_base` hold the ring position while it
+    is not, so a stop and a restart continue exactly where the ring was.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.size = 0
+        self.addr: VringAddr | None = None
+        self.base = 0
+        self.used_base = 0
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.enabled = False
+        self.queue: SplitQueue | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.queue is not None
+
+    def build_queue(self, mem: GuestMemory, event_idx: bool) -> SplitQueue:
+        """Translate the ring addresses and make the queue (VirtqueueError if they are bad)."""
+        assert self.addr is not None
+        desc = mem.translate_uva(self.addr.desc, 16 * self.size)
+        avail = mem.translate_uva(self.addr.avail, 6 + 2 * self.size)
+        used = mem.translate_uva(self.addr.used, 6 + 8 * self.size)
+        self.queue = SplitQueue(
+            mem, self.size, desc, avail, used,
+            event_idx=event_idx, next_avail=self.base, next_used=self.used_base,
+        )
+        return self.queue
+
+    def drop_queue(self) -> None:
+        """Remember where the ring stands and let go of guest memory."""
+        if self.queue is not None:
+            self.base = self.queue.next_avail
+            self.used_base = self.queue.next_used
+            self.queue.release()
+            self.queue = None
+
+    def notify(self) -> None:
+        """Interrupt the driver (the call eventfd); without one the front end polls."""
+        if self.call_fd is not None:
+            try:
+                os.eventfd_write(self.call_fd, 1)
+            except OSError as e:
+                log.warning("vring %d: call eventfd write failed: %s", self.index, e)
+
+    def signal_error(self) -> None:
+        """Tell the front end this ring hit an error it cannot recover from (the err eventfd)."""
+        if self.err_fd is not None:
+            try:
+                os.eventfd_write(self.err_fd, 1)
+            except OSError as e:
+                log.warning("vring %d: err eventfd write failed: %s", self.index, e)
+
+    def set_fd(self, which: str, fd: int | None) -> None:
+        """Replace the kick, call or err fd, closing the one it replaces."""
+        attr = f"{which}_fd"
+        old = getattr(self, attr)
+        if old is not None and old != fd:
+            _close(old)
+        setattr(self, attr, fd)
+
+    def reset(self) -> None:
+        """Back to the state of a vring that was never configured."""
+        self.drop_queue()
+        for which in ("kick", "call", "err"):
+            self.set_fd(which, None)
+        self.size = 0
+        self.addr = None
+        self.base = self.used_base = 0
+        self.enabled = False

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import trio
 
-from .daemon import DEFAULT_SOCKET, DaemonConfig, qemu_command_line, run_daemon, write_console
+from .daemon import DEFAULT_SOCKET, DaemonConfig, qemu_command_line, run_daemon
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve one VM's virtio-console over vhost-user")
     run.add_argument("--socket", default=DEFAULT_SOCKET, help="vhost-user socket to listen on")
-    run.add_argument("--max-ports", type=int, default=1, help="ports of the device (1..31)")
+    run.add_argument("--max-ports", type=int, default=4, help="ports of the device (1..31)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         cfg = DaemonConfig(socket_path=args.socket, max_ports=args.max_ports)
         print("Connect QEMU (>= 10.2) with:\n    " + qemu_command_line(cfg), file=sys.stderr)
-        return trio.run(partial(run_daemon, cfg, output=write_console))
+        return trio.run(partial(run_daemon, cfg))
     return 2
 
 

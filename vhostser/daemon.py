@@ -10,25 +10,45 @@ import socket
 import stat
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
+from .backends.base import PortBackend
+from .backends.simple import EchoBackend, SinkBackend
 from .console import ConsoleDevice
-from .vhost_user import Backend, serve_connection
+from .console.port import PortConfig
+from .console.session import Input
+from .vhost_user import Backend, send_backend_request, serve_connection
 
 log = logging.getLogger("vhostser.daemon")
 
 DEFAULT_SOCKET = "/tmp/vhostser/default.sock"
 
 
+def write_console(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 @dataclass
 class DaemonConfig:
-    """What `vhostser run` needs (the per-VM config file fills this in a later step)."""
+    """What `vhostser run` needs (the per-VM config file fills this in a later step).
+
+    The embedded default: port 0 is the guest's console (hvc0), printed on stdout; port 1,
+    `org.vhostser.echo`, sends back whatever the guest writes."""
 
     socket_path: str = DEFAULT_SOCKET
-    max_ports: int = 1
+    max_ports: int = 4
     vm_name: str = "default"
+    ports: list[tuple[PortConfig, Callable[[], PortBackend]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.ports:
+            self.ports = [
+                (PortConfig(0, console=True), lambda: SinkBackend(write_console)),
+                (PortConfig(1, name="org.vhostser.echo"), EchoBackend),
+            ]
 
 
 def qemu_command_line(cfg: DaemonConfig, mem: str = "1G") -> str:
@@ -94,22 +114,27 @@ async def serve(
 async def run_daemon(
     cfg: DaemonConfig,
     *,
-    output: Callable[[bytes], None] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Serve the device until SIGTERM/SIGINT; returns the exit status."""
     listener = await listen_unix(cfg.socket_path)
     with listener, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            device = ConsoleDevice(nursery, max_ports=cfg.max_ports, output=output)
+            device = ConsoleDevice(nursery, max_ports=cfg.max_ports)
             backend = Backend(device)
             device.on_broken = backend.mark_needs_reset
+            device.on_config_change = lambda: nursery.start_soon(
+                send_backend_request, backend, backend.config_change_message()
+            )
+            for port_config, make_backend in cfg.ports:
+                device.add_port(port_config, make_backend())
             await nursery.start(serve, listener, backend)
             log.info("vm %s: listening on %s", cfg.vm_name, cfg.socket_path)
             task_status.started(cfg.socket_path)
             async for signum in signals:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 break
+            device.close_all(Input.SHUTDOWN)
             nursery.cancel_scope.cancel()
         backend.disconnected()
     try:
@@ -117,8 +142,3 @@ async def run_daemon(
     except OSError:
         pass
     return 0
-
-
-def write_console(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()

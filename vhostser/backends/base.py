@@ -1,0 +1,50 @@
+"""The backend interface, modelled on spice-server's char device.
+
+A port hands its backend session events and guest bytes; the backend hands the port host
+bytes (`port.send`) and host open/close (`port.host_attach` / `host_detach` /
+`end_session`). Credit both ways: `guest_data` may refuse bytes it cannot queue (the guest's
+write then blocks until `port.resume_guest_data()`), and `port.send` accepts only what fits
+the port's bounded staging buffer (`await port.wait_writable()` for more).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..console.port import Port
+    from ..console.session import Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One guest open of a port. Ids are monotonic per port and never reused."""
+
+    port_id: int
+    port_name: str
+    id: int
+
+
+class PortBackend:
+    """Base class: `guest_data` is the one method a backend must write."""
+
+    port: Port
+
+    def bind(self, port: Port) -> None:
+        """Called once when the port is created, before any other call."""
+        self.port = port
+
+    def guest_data(self, data: bytes) -> bool:
+        """Bytes the guest wrote in the current session. Return False to refuse them for now
+        (nothing is taken); the port offers the same bytes again after `resume_guest_data`."""
+        raise NotImplementedError
+
+    def session_opened(self, session: Session) -> None:
+        """A session started (the guest opened the port)."""
+
+    def session_closed(self, session: Session, reason: Reason) -> None:
+        """The session ended; nothing of it will be delivered either way any more."""
+
+    async def run(self) -> None:
+        """Long-running work (listening for peers...), cancelled when the port goes away."""

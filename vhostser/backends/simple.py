@@ -1,0 +1,77 @@
+"""The simplest built-in backends: null, echo, and a writer to a byte sink."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from ..console.session import Reason
+from .base import PortBackend, Session
+
+
+class NullBackend(PortBackend):
+    """Takes every guest byte and drops it; never attaches a host peer."""
+
+    def guest_data(self, data: bytes) -> bool:
+        return True
+
+
+class EchoBackend(PortBackend):
+    """A host peer that is always attached and sends every guest byte straight back, in the
+    same session. It only takes guest bytes it can queue whole, so a guest that writes faster
+    than it reads is slowed down, never buffered without bound."""
+
+    def __init__(self) -> None:
+        self._room = trio.Event()
+
+    def guest_data(self, data: bytes) -> bool:
+        if self.port.config.staging_limit - self.port.staged < len(data):
+            self._room.set()  # ask run() to wait for room
+            return False
+        taken = self.port.send(data)
+        assert taken == len(data)
+        return True
+
+    async def run(self) -> None:
+        self.port.host_attach()
+        while True:
+            await self._room.wait()
+            self._room = trio.Event()
+            await self.port.wait_writable()
+            self.port.resume_guest_data()
+
+
+class SinkBackend(PortBackend):
+    """Hands guest bytes to a callable (stdout for the embedded default's console)."""
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+
+    def guest_data(self, data: bytes) -> bool:
+        self._sink(data)
+        return True
+
+
+class RecordingBackend(PortBackend):
+    """Keeps what happens, for tests and the admin API's examples: events and bytes per
+    session. `accept` may be switched off to exercise backpressure."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, str]] = []
+        self.data: dict[int, bytearray] = {}
+        self.accept = True
+
+    def guest_data(self, data: bytes) -> bool:
+        if not self.accept:
+            return False
+        session = self.port.session
+        assert session is not None
+        self.data.setdefault(session.id, bytearray()).extend(data)
+        return True
+
+    def session_opened(self, session: Session) -> None:
+        self.events.append(("open", session.id, ""))
+
+    def session_closed(self, session: Session, reason: Reason) -> None:
+        self.events.append(("close", session.id, reason.value))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import mmap
+import os
+import stat
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtqueue.errors import GuestMemoryError
+
+log = logging.getLogger("virtqueue")
 
 __all__ = ["BytesMemory", "GuestMemory", "MappedMemory", "Region"]
 
@@ -124,6 +130,28 @@ class GuestMemory(ABC):
         )
 
 
+def _check_backing(region: Region, fd: int, length: int) -> None:
+    """Touching a mapping beyond the end of its file raises SIGBUS, which would kill the
+    daemon: refuse a file that is too short now, and say so when nothing stops it shrinking
+    later (QEMU seals its memfd RAM; hugetlbfs and plain files cannot be sealed)."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise GuestMemoryError(f"cannot map memory region {region}: {e}") from e
+    if stat.S_ISREG(st.st_mode) and st.st_size < length:
+        raise GuestMemoryError(
+            f"cannot map memory region {region}: its file is {st.st_size} bytes, "
+            f"the region needs {length}"
+        )
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return  # not a memfd: nothing to check
+    if not seals & fcntl.F_SEAL_SHRINK:
+        log.warning("memory region at 0x%x: memfd not sealed against shrinking; a front end "
+                    "that truncates it would crash the back end", region.guest_phys_addr)
+
+
 class MappedMemory(GuestMemory):
     """Guest memory mapped shared from file descriptors (memfd, hugetlbfs)."""
 
@@ -139,6 +167,7 @@ class MappedMemory(GuestMemory):
             raise GuestMemoryError(f"cannot map memory region {region}: bad fd {fd}")
         # mmap_offset need not be page aligned, so map from file offset 0 and skip it in the view.
         length = region.mmap_offset + region.size
+        _check_backing(region, fd, length)
         try:
             if sys.version_info >= (3, 13):
                 # Otherwise CPython keeps a private dup of fd open as long as the mapping.

@@ -164,7 +164,8 @@ class EchoDevice:
                     continue
                 if chain is None:
                     break
-                n = chain.write(self.pending)
+                with memoryview(self.pending) as view:
+                    n = chain.write(view)
                 del self.pending[:n]
                 q.push(chain.head, n)
                 pushed = True

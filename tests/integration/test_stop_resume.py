@@ -57,8 +57,8 @@ async def test_chains_posted_across_a_stop_are_echoed_once(server: Server) -> No
 async def test_pause_and_resume_during_a_transfer(server: Server, event_idx: bool) -> None:
     """A VM paused and resumed over and over while data flows (call eventfds replaced at
     every resume, as QEMU does)."""
-    async with server.running(event_idx=event_idx) as fe:
-        drv = server.driver(fe, buf_size=2048)
+    async with server.running(event_idx=event_idx, size=16) as fe:
+        drv = server.driver(fe, buf_size=1024)
         data = os.urandom(512 * 1024)
         out = b""
         done = trio.Event()
@@ -71,14 +71,18 @@ async def test_pause_and_resume_during_a_transfer(server: Server, event_idx: boo
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(transfer)
+            mark = 0
             while not done.is_set():
-                await trio.sleep(0)
-                await fe.stop()
+                # Pause every ~40 chains of progress, with data in flight.
+                mark += 40
+                while drv.completed[TX] < mark and not done.is_set():
+                    await trio.sleep(0)
+                await fe.stop(pause=True)
                 progress.append(drv.completed[TX])
                 await trio.sleep(0.001)
                 await fe.resume()
-        chains = len(data) // 2048
-        assert any(0 < p < chains for p in progress), progress
+        chains = len(data) // 1024
+        assert sum(0 < p < chains for p in progress) >= 3, progress
         assert out == data
         assert await fe.stop() == {RX: drv.completed[RX], TX: drv.completed[TX]}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import mmap
 import os
@@ -285,3 +286,34 @@ def test_bytes_close_keeps_held_views() -> None:
     assert bytes(held) == b"okay"
     with pytest.raises(GuestMemoryError):
         mem.view(0, 4)
+
+
+def test_region_longer_than_its_file_is_refused() -> None:
+    # Touching a mapping past the end of its file is SIGBUS: it must never be mapped.
+    fd = os.memfd_create("short")
+    try:
+        os.ftruncate(fd, 4096)
+        mem = MappedMemory()
+        with pytest.raises(GuestMemoryError, match="4096 bytes"):
+            mem.add(Region(0, 8192, 0x10000, 0), fd)
+        assert mem.regions == ()
+    finally:
+        os.close(fd)
+
+
+def test_unsealed_memfd_is_mapped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 8192)
+        mem = MappedMemory()
+        mem.add(Region(0, 8192, 0x10000, 0), fd)
+        assert "not sealed against shrinking" in caplog.text
+        caplog.clear()
+        mem.close()
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        mem = MappedMemory()
+        mem.add(Region(0, 8192, 0x10000, 0), fd)
+        assert "not sealed" not in caplog.text
+        mem.close()
+    finally:
+        os.close(fd)

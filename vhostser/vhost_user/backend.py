@@ -179,7 +179,11 @@ class Backend:
         if ready and not vring.started:
             assert self.memory is not None
             try:
-                vring.build_queue(self.memory, bool(self.acked_features & VIRTIO_F_RING_EVENT_IDX))
+                vring.build_queue(
+                    self.memory,
+                    event_idx=bool(self.acked_features & VIRTIO_F_RING_EVENT_IDX),
+                    indirect=bool(self.acked_features & VIRTIO_F_RING_INDIRECT_DESC),
+                )
             except VirtqueueError as e:
                 log.warning("vring %d: cannot start: %s", vring.index, e)
                 return
@@ -209,9 +213,8 @@ class Backend:
 
     def config_change_message(self) -> bytes:
         """CONFIG_CHANGE_MSG for the back-end channel (NEED_REPLY when acks are on)."""
-        return encode(
-            BackendRequest.CONFIG_CHANGE_MSG, U64(0), flags=0x8 if self._reply_ack else 0
-        )
+        # No payload (vhost-user spec); the ack, when asked for, is the usual u64.
+        return encode(BackendRequest.CONFIG_CHANGE_MSG, flags=0x8 if self._reply_ack else 0)
 
     def disconnected(self) -> None:
         """The front end went away: stop every ring and drop what belonged to its connection.
@@ -280,14 +283,15 @@ class Backend:
 
     def _replace_memory(self, change: Callable[[MappedMemory], None]) -> None:
         """Apply a memory-table change with every ring stopped around it, since rings hold views
-        into the mappings; they restart at the same position once the change is done."""
-        running = self._stop_all()
+        into the mappings; they restart at the same position once the change is done, and a
+        ring that was only waiting for its memory starts."""
+        self._stop_all()
         mem = self.memory if self.memory is not None else MappedMemory()
         try:
             change(mem)
         finally:
             self.memory = mem
-            for v in running:
+            for v in self.vrings:
                 self._update(v)
 
     def _set_mem_table(self, msg: Message) -> None:
@@ -301,11 +305,11 @@ class Backend:
             raise MessageError(f"cannot map region: {e}") from None
         for fd in msg.fds:
             _close(fd)
-        running = self._stop_all()
+        self._stop_all()
         if self.memory is not None:
             self.memory.close()
         self.memory = fresh
-        for v in running:
+        for v in self.vrings:
             self._update(v)
 
     def _add_mem_reg(self, msg: Message) -> None:
@@ -352,9 +356,18 @@ class Backend:
     def _set_vring_addr(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringAddr)
         vring = self._vring(msg.payload.index)
+        addr = msg.payload
+        if self.memory is not None and vring.size:
+            # Refuse what can be checked now, rather than ack it and leave the ring dead.
+            try:
+                self.memory.translate_uva(addr.desc, 16 * vring.size)
+                self.memory.translate_uva(addr.avail, 6 + 2 * vring.size)
+                self.memory.translate_uva(addr.used, 6 + 8 * vring.size)
+            except GuestMemoryError as e:
+                raise MessageError(f"vring {vring.index}: ring outside guest memory: {e}") from None
         # A new address for a running ring moves it: stop, take the address, restart.
         self._stop(vring)
-        vring.addr = msg.payload
+        vring.addr = addr
         self._update(vring)
 
     def _set_vring_base(self, msg: Message) -> None:

@@ -44,7 +44,7 @@ class Vring:
     def started(self) -> bool:
         return self.queue is not None
 
-    def build_queue(self, mem: GuestMemory, event_idx: bool) -> SplitQueue:
+    def build_queue(self, mem: GuestMemory, *, event_idx: bool, indirect: bool) -> SplitQueue:
         """Translate the ring addresses and make the queue (VirtqueueError if they are bad)."""
         assert self.addr is not None
         desc = mem.translate_uva(self.addr.desc, 16 * self.size)
@@ -52,7 +52,8 @@ class Vring:
         used = mem.translate_uva(self.addr.used, 6 + 8 * self.size)
         self.queue = SplitQueue(
             mem, self.size, desc, avail, used,
-            event_idx=event_idx, next_avail=self.base, next_used=self.used_base,
+            event_idx=event_idx, indirect=indirect, next_avail=self.base,
+            next_used=self.used_base,
         )
         return self.queue
 

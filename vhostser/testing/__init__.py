@@ -1,0 +1,26 @@
+"""QEMU and Linux in a box: a vhost-user front end (and, later, guest drivers) in Python, for
+tests and benchmarks. It uses the real mechanisms (memfd guest RAM, eventfds, SCM_RIGHTS)."""
+
+from .frontend import (
+    DEFAULT_MEM_SIZE,
+    IMPLEMENTED_PROTOCOL_FEATURES,
+    STATUS_FEATURES_OK,
+    AckError,
+    BackendClosedError,
+    BackendMessage,
+    FrontEnd,
+    FrontEndError,
+    open_frontend,
+)
+
+__all__ = [
+    "DEFAULT_MEM_SIZE",
+    "IMPLEMENTED_PROTOCOL_FEATURES",
+    "STATUS_FEATURES_OK",
+    "AckError",
+    "BackendClosedError",
+    "BackendMessage",
+    "FrontEnd",
+    "FrontEndError",
+    "open_frontend",
+]

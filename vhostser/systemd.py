@@ -1,0 +1,70 @@
+"""The parts of systemd's service protocol vhostser speaks: socket activation (LISTEN_FDS,
+LISTEN_FDNAMES) and sd_notify (READY, STATUS, STOPPING, RELOADING, WATCHDOG). Standard
+library only; outside systemd every call is a quiet no-op."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+log = logging.getLogger("vhostser.systemd")
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds(*, unset: bool = True) -> dict[str, list[int]]:
+    """The sockets systemd passed us, by name (LISTEN_FDNAMES; unnamed ones are "unknown").
+    Empty when not socket-activated or when the fds were meant for another process."""
+    try:
+        pid = int(os.environ.get("LISTEN_PID", ""))
+        count = int(os.environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return {}
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":") if "LISTEN_FDNAMES" in os.environ else []
+    if unset:
+        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(var, None)
+    if pid != os.getpid() or count <= 0:
+        return {}
+    fds: dict[str, list[int]] = {}
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        fds.setdefault(name, []).append(fd)
+    return fds
+
+
+def notify(*lines: str) -> bool:
+    """Send `KEY=value` lines to $NOTIFY_SOCKET; False if there is none or it failed."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall("\n".join(lines).encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify to %s failed: %s", path, e)
+        return False
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None if not asked for."""
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 2e6
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in µs, as RELOADING=1 wants it in MONOTONIC_USEC."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000

@@ -42,7 +42,12 @@ class VMState:
         if not isinstance(doc, dict) or doc.get("version") != VERSION:
             raise ValueError(f"unknown state file version {doc.get('version') if isinstance(doc, dict) else doc!r}")
         ports: dict[int, PortState] = {}
-        for key, value in doc.get("ports", {}).items():
+        table = doc.get("ports", {})
+        if not isinstance(table, dict):
+            raise ValueError(f"ports: expected an object, got {table!r}")
+        for key, value in table.items():
+            if not isinstance(value, dict):
+                raise ValueError(f"port {key}: expected an object, got {value!r}")
             nxt, gopen, sid = value["next_session_id"], value["guest_open"], value["session_id"]
             if not (isinstance(nxt, int) and nxt >= 1 and isinstance(gopen, bool)
                     and (sid is None or isinstance(sid, int))):

@@ -17,15 +17,16 @@ SD_LISTEN_FDS_START = 3
 def listen_fds(*, unset: bool = True) -> dict[str, list[int]]:
     """The sockets systemd passed us, by name (LISTEN_FDNAMES; unnamed ones are "unknown").
     Empty when not socket-activated or when the fds were meant for another process."""
+    env = {var: os.environ.get(var) for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
+    if unset:  # as sd_listen_fds does, on every path: children must not inherit them
+        for var in env:
+            os.environ.pop(var, None)
     try:
-        pid = int(os.environ.get("LISTEN_PID", ""))
-        count = int(os.environ.get("LISTEN_FDS", ""))
+        pid = int(env["LISTEN_PID"] or "")
+        count = int(env["LISTEN_FDS"] or "")
     except ValueError:
         return {}
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":") if "LISTEN_FDNAMES" in os.environ else []
-    if unset:
-        for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(var, None)
+    names = env["LISTEN_FDNAMES"].split(":") if env["LISTEN_FDNAMES"] is not None else []
     if pid != os.getpid() or count <= 0:
         return {}
     fds: dict[str, list[int]] = {}

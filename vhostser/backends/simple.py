@@ -19,26 +19,35 @@ class NullBackend(PortBackend):
 
 class EchoBackend(PortBackend):
     """A host peer that is always attached and sends every guest byte straight back, in the
-    same session. It only takes guest bytes it can queue whole, so a guest that writes faster
-    than it reads is slowed down, never buffered without bound."""
+    same session. It holds at most one guest write that did not fit the port's staging buffer
+    and refuses more until that is sent, so a guest that writes faster than it reads is slowed
+    down, never buffered without bound."""
 
     def __init__(self) -> None:
-        self._room = trio.Event()
+        self._rest = b""
+        self._rest_session: Session | None = None
+        self._has_rest = trio.Event()
 
     def guest_data(self, data: bytes) -> bool:
-        if self.port.config.staging_limit - self.port.staged < len(data):
-            self._room.set()  # ask run() to wait for room
+        if self._rest:
             return False
         taken = self.port.send(data)
-        assert taken == len(data)
+        if taken < len(data):
+            self._rest, self._rest_session = data[taken:], self.port.session
+            self._has_rest.set()
         return True
+
+    def session_closed(self, session: Session, reason: Reason) -> None:
+        if self._rest_session == session:
+            self._rest = b""  # never echoed into the next session (send_all drops it too)
 
     async def run(self) -> None:
         self.port.host_attach()
         while True:
-            await self._room.wait()
-            self._room = trio.Event()
-            await self.port.wait_writable()
+            await self._has_rest.wait()
+            self._has_rest = trio.Event()
+            await self.port.send_all(self._rest, self._rest_session)
+            self._rest, self._rest_session = b"", None
             self.port.resume_guest_data()
 
 

@@ -17,7 +17,7 @@ RESIZE = struct.Struct("<HH")
 BAD_ID = 0xFFFFFFFF
 # Linux reads at most this much of a control buffer, and so we bound what we send: a port name
 # longer than the guest's control buffer minus the header would be cut by the guest.
-MAX_NAME = 4096 - HEADER.size
+MAX_NAME = 4096 - HEADER.size - 1  # the NUL terminator counts
 
 
 class Event(enum.IntEnum):

@@ -134,6 +134,18 @@ class Port:
         log.info("port %d %r: session %d open", self.id, self.name, self.session.id)
         self.backend.session_opened(self.session)
 
+    def restore_session(self, session_id: int) -> None:
+        """After a daemon restart: the guest still has the port open in this session (from the
+        state file); the backend hears `session_opened` again, as a replay."""
+        if self.state is not State.B:
+            raise ValueError(f"port {self.id}: restore in state {self.state.name}")
+        self.state = State.D
+        self.session = Session(self.id, self.name, session_id)
+        self.next_session_id = max(self.next_session_id, session_id + 1)
+        log.info("port %d %r: session %d restored (guest had it open)", self.id, self.name,
+                 session_id)
+        self.backend.session_opened(self.session)
+
     def _close_session(self, reason: Reason) -> None:
         session = self.session
         assert session is not None
@@ -172,18 +184,23 @@ class Port:
         """The host ends the current session (reason host-close); the guest reads EOF."""
         self.apply(Input.HOST_END)
 
-    def send(self, data: bytes | memoryview) -> int:
+    def send(self, data: bytes | memoryview, session: Session | None = None) -> int:
         """Queue host bytes for the guest; returns how many were taken (all of them if they are
-        discarded because the guest has the port closed). Never more than the staging bound."""
+        discarded: the guest has the port closed, or `session` — the session the bytes were
+        meant for — is over). Never more than the staging bound."""
         if not self.state.in_session:
-            self.counters.discarded["guest-closed"] += len(data)
+            reason = "no-session" if self.state.guest_open else "guest-closed"
+            self.counters.discarded[reason] += len(data)
+            return len(data)
+        if session is not None and session != self.session:
+            self.counters.discarded["stale"] += len(data)
             return len(data)
         room = self.config.staging_limit - len(self._staging)
         taken = min(room, len(data))
         if taken > 0:
             self._staging += data[:taken]
             self.poke_rx()
-        if len(self._staging) >= self.config.staging_limit:
+        if len(self._staging) >= self.config.staging_limit and self._writable.is_set():
             self._writable = trio.Event()
         return taken
 
@@ -191,11 +208,13 @@ class Port:
         """Until `send` would take at least one byte again."""
         await self._writable.wait()
 
-    async def send_all(self, data: bytes | memoryview) -> None:
-        """Queue all of `data`, waiting for room as the guest reads."""
+    async def send_all(self, data: bytes | memoryview, session: Session | None = None) -> None:
+        """Queue all of `data`, waiting for room as the guest reads. With `session`, bytes
+        still unsent when that session ends are dropped (counted stale), never handed to the
+        next one."""
         view = memoryview(data)
         while view:
-            n = self.send(view)
+            n = self.send(view, session)
             view = view[n:]
             if view:
                 await self.wait_writable()

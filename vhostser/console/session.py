@@ -126,7 +126,7 @@ TABLE: dict[tuple[State, Input], Step] = {
     (S.D, I.RESET): _closed(S.B, Reason.RESET),
     (S.D, I.REMOVE): _closed(S.B, Reason.PORT_REMOVED),
     (S.D, I.FRONTEND_GONE): _closed(S.B, Reason.FRONTEND_GONE),
-    (S.D, I.SHUTDOWN): _closed(S.D, Reason.SHUTDOWN),
+    (S.D, I.SHUTDOWN): _closed(S.E, Reason.SHUTDOWN),
     # A: both sides open
     (S.A, I.GUEST_OPEN): Step(S.A, (_NOP,)),
     (S.A, I.GUEST_CLOSE): _closed(S.C, Reason.GUEST_CLOSE),
@@ -136,7 +136,7 @@ TABLE: dict[tuple[State, Input], Step] = {
     (S.A, I.RESET): _closed(S.C, Reason.RESET),
     (S.A, I.REMOVE): _closed(S.B, Reason.PORT_REMOVED),
     (S.A, I.FRONTEND_GONE): _closed(S.C, Reason.FRONTEND_GONE),
-    (S.A, I.SHUTDOWN): _closed(S.A, Reason.SHUTDOWN),
+    (S.A, I.SHUTDOWN): _closed(S.E, Reason.SHUTDOWN, _TELL0),
     # E: the host ended the session; the guest still holds the port open
     (S.E, I.GUEST_OPEN): Step(S.E, (_NOP,)),
     (S.E, I.GUEST_CLOSE): Step(S.B),

@@ -1,4 +1,5 @@
-"""Process wiring: the listening socket, one front end at a time, signals."""
+"""Process wiring: listening socket (own or systemd's), one front end at a time, the
+front-end grace period, signals, sd_notify, the state file and the admin socket."""
 
 from __future__ import annotations
 
@@ -8,63 +9,38 @@ import os
 import signal
 import socket
 import stat
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from pathlib import Path
+from typing import Any
 
 import trio
 
-from .backends.base import PortBackend
-from .backends.simple import EchoBackend, SinkBackend
+from . import config as config_mod
+from . import state as state_mod
+from . import systemd
+from .config import PortSpec, VMConfig
 from .console import ConsoleDevice
-from .console.port import PortConfig
+from .console.port import Port
 from .console.session import Input
 from .vhost_user import Backend, send_backend_request, serve_connection
 
 log = logging.getLogger("vhostser.daemon")
 
-DEFAULT_SOCKET = "/tmp/vhostser/default.sock"
 
-
-def write_console(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
-
-
-@dataclass
-class DaemonConfig:
-    """What `vhostser run` needs (the per-VM config file fills this in a later step).
-
-    The embedded default: port 0 is the guest's console (hvc0), printed on stdout; port 1,
-    `org.vhostser.echo`, sends back whatever the guest writes."""
-
-    socket_path: str = DEFAULT_SOCKET
-    max_ports: int = 4
-    vm_name: str = "default"
-    ports: list[tuple[PortConfig, Callable[[], PortBackend]]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.ports:
-            self.ports = [
-                (PortConfig(0, console=True), lambda: SinkBackend(write_console)),
-                (PortConfig(1, name="org.vhostser.echo"), EchoBackend),
-            ]
-
-
-def qemu_command_line(cfg: DaemonConfig, mem: str = "1G") -> str:
+def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
     """The QEMU options that connect a VM to this daemon (QEMU ≥ 10.2)."""
     return " \\\n    ".join(
         [
             "qemu-system-x86_64 -machine q35,memory-backend=mem -m " + mem,
             f"-object memory-backend-memfd,id=mem,size={mem},share=on",
-            f"-chardev socket,id=vhostser0,path={cfg.socket_path},reconnect-ms=1000",
+            f"-chardev socket,id=vhostser0,path={cfg.socket},reconnect-ms=1000",
             "-device vhost-user-test-device-pci,chardev=vhostser0,virtio-id=3,"
             f"num_vqs={2 * cfg.max_ports + 2},config_size=12",
         ]
     )
 
 
-async def listen_unix(path: str) -> trio.socket.SocketType:
+async def listen_unix(path: str, mode: int | None = None) -> trio.socket.SocketType:
     """A listening unix socket at `path`, replacing a stale socket file but nothing else."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
@@ -75,70 +51,270 @@ async def listen_unix(path: str) -> trio.socket.SocketType:
         pass
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
-    sock.listen(4)
+    if mode is not None:
+        os.chmod(path, mode)
+    sock.listen(16)
     return sock
 
 
-async def serve(
-    listener: trio.socket.SocketType,
-    backend: Backend,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accept front ends forever, one at a time: vhost-user has a single front end per device,
-    so a second connection while one is active is refused with a log line."""
-    task_status.started()
-    busy = False
-    async with trio.open_nursery() as nursery:
+class Daemon:
+    """One VM's vhostser: the device, its ports and the front-end connection."""
+
+    def __init__(self, cfg: VMConfig, nursery: trio.Nursery) -> None:
+        self.cfg = cfg
+        self.nursery = nursery
+        self.started = time.time()
+        self.device = ConsoleDevice(
+            nursery, max_ports=cfg.max_ports, cols=cfg.cols, rows=cfg.rows,
+            resize_rows_first=cfg.resize_rows_first,
+        )
+        self.backend = Backend(self.device)
+        self.device.on_broken = self.backend.mark_needs_reset
+        self.device.on_config_change = lambda: nursery.start_soon(
+            send_backend_request, self.backend, self.backend.config_change_message()
+        )
+        self.specs: dict[int, PortSpec] = {}
+        self.frontend_connected = False
+        self.connections = 0
+        self._grace_scope: trio.CancelScope | None = None
+        self.state_path = Path(cfg.state_dir) / "state.json" if cfg.state_dir else None
+        saved = state_mod.load(self.state_path) if self.state_path else state_mod.VMState()
+        # The next session id per port id, kept across removal and re-adding of a port (and,
+        # through the state file, across restarts): session ids are never reused.
+        self.next_ids = {pid: p.next_session_id for pid, p in saved.ports.items()}
+        for spec in cfg.ports:
+            self.add_port(spec, saved.ports.get(spec.config.id))
+
+    # -------------------------------------------------------------- ports
+
+    def add_port(self, spec: PortSpec, saved: state_mod.PortState | None = None) -> Port:
+        first = self.next_ids.get(spec.config.id, 1)
+        port = self.device.add_port(spec.config, spec.make_backend(), first_session_id=first)
+        self.specs[spec.config.id] = spec
+        if saved and saved.guest_open and saved.session_id is not None:
+            # The guest had this port open when the previous daemon stopped: the session goes
+            # on (a reconnecting QEMU brings the same guest back); tell the backend again.
+            port.restore_session(saved.session_id)
+        self.save_state()
+        return port
+
+    def remove_port(self, port_id: int) -> None:
+        self.next_ids[port_id] = self.device.ports[port_id].next_session_id
+        self.device.remove_port(port_id)
+        del self.specs[port_id]
+        self.save_state()
+
+    def close_session(self, port_id: int) -> int | None:
+        port = self.device.ports[port_id]
+        session = port.session
+        if session is None:
+            return None
+        port.end_session()
+        return session.id
+
+    def reload(self, new: VMConfig) -> dict[str, list[int]]:
+        """Apply a new config file live: ports added, removed or changed (re-created)."""
+        if new.max_ports != self.cfg.max_ports or new.socket != self.cfg.socket:
+            log.warning("reload: max_ports and socket changes need a restart; keeping %d, %s",
+                        self.cfg.max_ports, self.cfg.socket)
+        wanted = {s.config.id: s for s in new.ports if s.config.id < self.cfg.max_ports}
+        removed = [pid for pid in self.specs if pid not in wanted]
+        changed = [
+            pid for pid, s in wanted.items()
+            if pid in self.specs and (s.config, s.backend_type, s.backend_options)
+            != (self.specs[pid].config, self.specs[pid].backend_type,
+                self.specs[pid].backend_options)
+        ]
+        added = [pid for pid in wanted if pid not in self.specs]
+        for pid in removed + changed:
+            self.remove_port(pid)
+        for pid in changed + added:
+            self.add_port(wanted[pid])
+        for port in self.device.ports.values():
+            reopen = getattr(port.backend, "reopen", None)
+            if callable(reopen):
+                reopen()
+        log.info("reload: added %s, removed %s, changed %s", added, removed, changed)
+        return {"added": added, "removed": removed, "changed": changed}
+
+    # -------------------------------------------------------------- state
+
+    def save_state(self) -> None:
+        if self.state_path is None:
+            return
+        for pid, port in self.device.ports.items():
+            self.next_ids[pid] = port.next_session_id
+        snapshot = state_mod.VMState({
+            pid: state_mod.PortState(next_session_id=nxt) for pid, nxt in self.next_ids.items()
+        })
+        for pid, port in self.device.ports.items():
+            snapshot.ports[pid].guest_open = port.state.guest_open
+            snapshot.ports[pid].session_id = port.session.id if port.session else None
+        try:
+            state_mod.save(self.state_path, snapshot)
+        except OSError as e:
+            log.error("cannot save state to %s: %s", self.state_path, e)
+
+    # -------------------------------------------------------------- front end
+
+    async def serve(
+        self,
+        listener: trio.socket.SocketType,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept front ends forever, one at a time: vhost-user has a single front end per
+        device, so a second connection while one is active is refused with a log line."""
+        task_status.started()
         while True:
             conn, _ = await listener.accept()
-            if busy:
-                log.warning("refusing a second front-end connection while one is active")
+            if self.frontend_connected:
+                log.warning("vm %s: refusing a second front-end connection", self.cfg.name)
                 conn.close()
                 continue
-            busy = True
+            self.frontend_connected = True
+            self.connections += 1
+            if self._grace_scope is not None:
+                self._grace_scope.cancel()
+            self.nursery.start_soon(self._run_connection, conn)
 
-            async def run(conn: trio.socket.SocketType = conn) -> None:
-                nonlocal busy
-                log.info("front end connected")
-                try:
-                    with conn:
-                        await serve_connection(conn, backend)
-                finally:
-                    busy = False
-                    log.info("front end gone; waiting for the next connection")
+    async def _run_connection(self, conn: trio.socket.SocketType) -> None:
+        log.info("vm %s: front end connected", self.cfg.name)
+        try:
+            with conn:
+                await serve_connection(conn, self.backend)
+        finally:
+            self.frontend_connected = False
+            self.save_state()
+            log.info("vm %s: front end gone; sessions kept for %.0f s", self.cfg.name,
+                     self.cfg.frontend_grace)
+            self.nursery.start_soon(self._grace_period)
 
-            nursery.start_soon(run)
+    async def _grace_period(self) -> None:
+        with trio.CancelScope() as scope:
+            self._grace_scope = scope
+            await trio.sleep(self.cfg.frontend_grace)
+            if not self.frontend_connected:
+                log.info("vm %s: no front end for %.0f s: closing sessions", self.cfg.name,
+                         self.cfg.frontend_grace)
+                self.device.close_all(Input.FRONTEND_GONE)
+                self.save_state()
+        if self._grace_scope is scope:
+            self._grace_scope = None
+
+    # -------------------------------------------------------------- reporting
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "vm": self.cfg.name,
+            "config": self.cfg.source,
+            "socket": self.cfg.socket,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "frontend_connected": self.frontend_connected,
+            "connections": self.connections,
+            "driver_ready": self.device.driver_ready,
+            "multiport": self.device.multiport,
+            "status": self.backend.status,
+            "needs_reset": self.backend.needs_reset,
+            "max_ports": self.cfg.max_ports,
+            "ports": len(self.device.ports),
+            "sessions_open": sum(1 for p in self.device.ports.values() if p.session),
+        }
+
+    def ports(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": pid,
+                "name": port.name,
+                "console": port.config.console,
+                "backend": self.specs[pid].backend_type if pid in self.specs else "?",
+                "state": port.state.name,
+                "guest_open": port.state.guest_open,
+                "host_open": port.state.host_open,
+                "guest_ready": port.guest_ready,
+                "session": port.session.id if port.session else None,
+            }
+            for pid, port in sorted(self.device.ports.items())
+        ]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return [
+            {"port": pid, "name": port.name, "session": port.session.id,
+             "state": port.state.name}
+            for pid, port in sorted(self.device.ports.items())
+            if port.session is not None
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        ports = {}
+        for pid, port in sorted(self.device.ports.items()):
+            entry = port.counters.as_dict()
+            backend_counters = getattr(port.backend, "counters", None)
+            if backend_counters is not None and hasattr(backend_counters, "as_dict"):
+                entry["backend"] = backend_counters.as_dict()
+            ports[str(pid)] = entry
+        return {"device": self.device.counters.as_dict(), "ports": ports}
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await trio.sleep(interval)
 
 
 async def run_daemon(
-    cfg: DaemonConfig,
+    cfg: VMConfig,
     *,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Serve the device until SIGTERM/SIGINT; returns the exit status."""
-    listener = await listen_unix(cfg.socket_path)
-    with listener, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Serve one VM until SIGTERM/SIGINT; returns the exit status."""
+    from .admin import serve_admin  # the admin server needs Daemon; import late
+
+    activated = systemd.listen_fds()
+    own_socket = False
+    if activated:
+        fds = activated.get("vhost-user") or next(iter(activated.values()))
+        listener = trio.socket.fromfd(fds[0], socket.AF_UNIX, socket.SOCK_STREAM)
+        os.close(fds[0])
+        log.info("vm %s: socket-activated (%s)", cfg.name, ", ".join(activated))
+    else:
+        listener = await listen_unix(cfg.socket, 0o660)
+        own_socket = True
+    admin_fd = (activated.get("admin") or [None])[0]
+    with listener, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            device = ConsoleDevice(nursery, max_ports=cfg.max_ports)
-            backend = Backend(device)
-            device.on_broken = backend.mark_needs_reset
-            device.on_config_change = lambda: nursery.start_soon(
-                send_backend_request, backend, backend.config_change_message()
-            )
-            for port_config, make_backend in cfg.ports:
-                device.add_port(port_config, make_backend())
-            await nursery.start(serve, listener, backend)
-            log.info("vm %s: listening on %s", cfg.vm_name, cfg.socket_path)
-            task_status.started(cfg.socket_path)
+            daemon = Daemon(cfg, nursery)
+            await nursery.start(daemon.serve, listener)
+            if cfg.admin_socket or admin_fd is not None:
+                await nursery.start(serve_admin, daemon, cfg.admin_socket, admin_fd)
+            interval = systemd.watchdog_interval()
+            if interval:
+                nursery.start_soon(_watchdog, interval)
+            log.info("vm %s: listening on %s", cfg.name, cfg.socket)
+            systemd.notify("READY=1", f"STATUS=serving {len(cfg.ports)} ports on {cfg.socket}")
+            task_status.started(daemon)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
+                    try:
+                        daemon.reload(config_mod.load(cfg.source))
+                    except (config_mod.ConfigError, ValueError) as e:
+                        log.error("reload failed, keeping the running config: %s", e)
+                    systemd.notify("READY=1", "STATUS=config reloaded")
+                    continue
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 break
-            device.close_all(Input.SHUTDOWN)
+            systemd.notify("STOPPING=1")
+            # Saved before the sessions close: the guest closed nothing, so the next daemon
+            # must know which sessions are still open in the guest.
+            daemon.save_state()
+            daemon.device.close_all(Input.SHUTDOWN)
             nursery.cancel_scope.cancel()
-        backend.disconnected()
-    try:
-        os.unlink(cfg.socket_path)
-    except OSError:
-        pass
+        daemon.backend.disconnected()
+    if own_socket:
+        try:
+            os.unlink(cfg.socket)
+        except OSError:
+            pass
     return 0

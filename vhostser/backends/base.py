@@ -5,6 +5,9 @@ bytes (`port.send`) and host open/close (`port.host_attach` / `host_detach` /
 `end_session`). Credit both ways: `guest_data` may refuse bytes it cannot queue (the guest's
 write then blocks until `port.resume_guest_data()`), and `port.send` accepts only what fits
 the port's bounded staging buffer (`await port.wait_writable()` for more).
+
+The port applies one input at a time: a backend never calls `host_attach`, `host_detach` or
+`end_session` from inside one of the callbacks below; it does so from its own task (`run`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..console.port import Port
-    from ..console.session import Reason
+    from ..console.session import Reason, State
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,10 @@ class PortBackend:
 
     def session_closed(self, session: Session, reason: Reason) -> None:
         """The session ended; nothing of it will be delivered either way any more."""
+
+    def state_changed(self, old: State, new: State) -> None:
+        """The port's session state moved (e.g. E→B: the guest closed a port whose session
+        the host had ended, so a peer may attach again). Called after the effects ran."""
 
     async def run(self) -> None:
         """Long-running work (listening for peers...), cancelled when the port goes away."""

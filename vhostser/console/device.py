@@ -68,6 +68,7 @@ class DeviceCounters:
     bad_control: int = 0  # unparsable, unknown port, out of order
     device_ready: int = 0
     bytes_on_missing_ports: int = 0
+    backend_failures: int = 0
     bad_chains: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
@@ -123,8 +124,16 @@ class ConsoleDevice:
         self._backend_scopes[config.id] = scope
 
         async def run_backend() -> None:
+            # A backend that fails must not take the device (and every other port) down.
             with scope:
-                await backend.run()
+                try:
+                    await backend.run()
+                except Exception:
+                    self.counters.backend_failures += 1
+                    log.exception("port %d %r: backend failed; the port has no host side now",
+                                  config.id, config.name)
+                    if port.state.host_open:
+                        port.host_detach()
 
         self._nursery.start_soon(run_backend)
         if self.driver_ready and self.multiport:

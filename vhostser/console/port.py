@@ -123,6 +123,7 @@ class Port:
             self.guest_ready = False
         if old != self.state:
             log.debug("port %d: %s → %s on %s", self.id, old.name, self.state.name, event.value)
+            self.backend.state_changed(old, self.state)
             # Whatever was blocked on the old state may move now (held writes, staged bytes).
             self.poke_tx()
             self.poke_rx()

@@ -1,0 +1,462 @@
+"""The admin API (vhostser.admin): `dispatch` against a real Daemon built in a trio nursery
+from a parsed config (null / echo backends, no front end), the Prometheus text, and the line
+protocol over a real unix socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from vhostser import admin, config
+from vhostser.backends.simple import RecordingBackend
+from vhostser.config import PortSpec
+from vhostser.console.port import PortConfig
+from vhostser.console.session import Input, State
+from vhostser.daemon import Daemon
+
+CONFIG = """\
+[vm]
+name = "t1"
+socket = "/nonexistent/t1.sock"
+max_ports = 4
+
+[[port]]
+id = 0
+console = true
+backend = { type = "null" }
+
+[[port]]
+id = 1
+name = "org.test.echo"
+backend = { type = "echo" }
+
+[[port]]
+id = 2
+name = "org.test.null"
+backend = { type = "null" }
+"""
+
+
+@asynccontextmanager
+async def running(text: str = CONFIG, source: str = "t1.toml") -> AsyncIterator[Daemon]:
+    cfg = config.parse(text, source)
+    async with trio.open_nursery() as nursery:
+        daemon = Daemon(cfg, nursery)
+        await trio.testing.wait_all_tasks_blocked()  # backends started (echo attaches)
+        yield daemon
+        nursery.cancel_scope.cancel()
+
+
+def guest_opens(daemon: Daemon, pid: int) -> None:
+    port = daemon.device.ports[pid]
+    port.announce()
+    port.apply(Input.GUEST_OPEN)
+
+
+def ok(daemon: Daemon, request: Any) -> Any:
+    response = admin.dispatch(daemon, request)
+    json.dumps(response)  # what the socket sends
+    assert response["ok"] is True, response
+    assert set(response) == {"ok", "result"}
+    return response["result"]
+
+
+def err(daemon: Daemon, request: Any) -> str:
+    response = admin.dispatch(daemon, request)
+    json.dumps(response)
+    assert response["ok"] is False, response
+    assert set(response) == {"ok", "error"}
+    assert isinstance(response["error"], str) and response["error"]
+    return str(response["error"])
+
+
+def recording_spec(pid: int, name: str = "") -> tuple[PortSpec, list[RecordingBackend]]:
+    made: list[RecordingBackend] = []
+
+    def make() -> RecordingBackend:
+        made.append(RecordingBackend())
+        return made[-1]
+
+    return PortSpec(PortConfig(pid, name), "recording", {}, make), made
+
+
+# ------------------------------------------------------------------------ read-only commands
+
+
+async def test_status() -> None:
+    async with running() as daemon:
+        guest_opens(daemon, 1)
+        status = ok(daemon, {"cmd": "status"})
+        assert status["vm"] == "t1"
+        assert status["config"] == "t1.toml"
+        assert status["socket"] == "/nonexistent/t1.sock"
+        assert status["pid"] == os.getpid()
+        assert status["frontend_connected"] is False
+        assert status["connections"] == 0
+        assert status["max_ports"] == 4
+        assert status["ports"] == 3
+        assert status["sessions_open"] == 1
+        assert status["needs_reset"] is False
+        assert status["uptime"] >= 0
+
+
+async def test_ports() -> None:
+    async with running() as daemon:
+        guest_opens(daemon, 1)
+        daemon.device.ports[2].apply(Input.GUEST_OPEN)
+        assert ok(daemon, {"cmd": "ports"}) == [
+            {"id": 0, "name": "", "console": True, "backend": "null", "state": "B",
+             "guest_open": False, "host_open": False, "guest_ready": False, "session": None},
+            {"id": 1, "name": "org.test.echo", "console": False, "backend": "echo",
+             "state": "A", "guest_open": True, "host_open": True, "guest_ready": True,
+             "session": 1},
+            {"id": 2, "name": "org.test.null", "console": False, "backend": "null",
+             "state": "D", "guest_open": True, "host_open": False, "guest_ready": False,
+             "session": 1},
+        ]
+
+
+async def test_sessions() -> None:
+    async with running() as daemon:
+        assert ok(daemon, {"cmd": "sessions"}) == []
+        guest_opens(daemon, 2)
+        daemon.device.ports[2].apply(Input.GUEST_CLOSE)
+        guest_opens(daemon, 2)
+        guest_opens(daemon, 1)
+        assert ok(daemon, {"cmd": "sessions"}) == [
+            {"port": 1, "name": "org.test.echo", "session": 1, "state": "A"},
+            {"port": 2, "name": "org.test.null", "session": 2, "state": "D"},
+        ]
+
+
+async def test_stats() -> None:
+    async with running() as daemon:
+        guest_opens(daemon, 1)
+        port = daemon.device.ports[1]
+        assert port.guest_bytes(b"hello")
+        port.consumed(5)
+        daemon.device.ports[2].send(b"nobody")
+        stats = ok(daemon, {"cmd": "stats"})
+        assert set(stats) == {"device", "ports"}
+        assert set(stats["ports"]) == {"0", "1", "2"}
+        p1 = stats["ports"]["1"]
+        assert p1["bytes_from_guest"] == 5 and p1["buffers_from_guest"] == 1
+        assert p1["bytes_to_guest"] == 5 and p1["buffers_to_guest"] == 1
+        assert p1["sessions_opened"] == 1
+        assert stats["ports"]["2"]["discarded"] == {"guest-closed": 6}
+        assert stats["device"]["control_from_guest"] == 0
+        assert stats["device"]["bad_chains"] == {}
+
+
+# ------------------------------------------------------------------------ changing commands
+
+
+async def test_add_port() -> None:
+    async with running() as daemon:
+        result = ok(daemon, {"cmd": "add-port",
+                             "port": {"id": 3, "name": "x", "backend": {"type": "null"}}})
+        assert result == {"id": 3, "name": "x"}
+        assert 3 in daemon.device.ports
+        assert ok(daemon, {"cmd": "ports"})[-1]["backend"] == "null"
+        assert ok(daemon, {"cmd": "status"})["ports"] == 4
+
+
+@pytest.mark.parametrize(
+    ("port", "error"),
+    [
+        (None, "port: expected a port table like the config file's [[port]]"),
+        ([1], "port: expected a port table like the config file's [[port]]"),
+        ({"id": 1, "backend": {"type": "null"}}, "port 1 exists"),
+        ({"id": 3, "name": "org.test.echo", "backend": {"type": "null"}},
+         "a port is already named 'org.test.echo"),  # (closing quote: see the xfail below)
+        ({"id": 9, "backend": {"type": "null"}},
+         "admin request: port.id: expected an integer in 0..3, got 9"),
+        ({"id": 3}, "admin request: port.backend: required key missing"),
+        ({"id": 3, "backend": {"type": "nope"}}, "admin request: port.backend.type: expected one"),
+        ({"id": 3, "colour": 1, "backend": {"type": "null"}}, "admin request: port.colour: "),
+        ({"id": 3, "backend": {"type": "null", "x": 1}}, "admin request: port.backend.x: "),
+    ],
+)
+async def test_add_port_errors(port: Any, error: str) -> None:
+    async with running() as daemon:
+        request = {"cmd": "add-port"} if port is None else {"cmd": "add-port", "port": port}
+        assert err(daemon, request).startswith(error)
+        assert sorted(daemon.device.ports) == [0, 1, 2]
+
+
+async def test_remove_port_closes_its_session() -> None:
+    async with running() as daemon:
+        spec, made = recording_spec(3, "rec")
+        daemon.add_port(spec)
+        guest_opens(daemon, 3)
+        assert ok(daemon, {"cmd": "remove-port", "id": 3}) == {"id": 3}
+        assert made[0].events == [("open", 1, ""), ("close", 1, "port-removed")]
+        assert 3 not in daemon.device.ports
+        assert [p["id"] for p in ok(daemon, {"cmd": "ports"})] == [0, 1, 2]
+        assert err(daemon, {"cmd": "remove-port", "id": 3}) == "no port 3"
+
+
+@pytest.mark.parametrize("value", [None, "1", 1.0, True, [1]])
+async def test_remove_port_needs_an_int(value: Any) -> None:
+    async with running() as daemon:
+        request: dict[str, Any] = {"cmd": "remove-port"}
+        if value is not None:
+            request["id"] = value
+        assert err(daemon, request).startswith("id: expected an integer port id, got ")
+        assert sorted(daemon.device.ports) == [0, 1, 2]
+
+
+async def test_error_messages_not_mangled() -> None:
+    async with running() as daemon:
+        assert err(daemon, {"cmd": "remove-port", "id": "1"}) == (
+            "id: expected an integer port id, got '1'"
+        )
+
+
+async def test_close_session() -> None:
+    async with running() as daemon:
+        spec, made = recording_spec(3)
+        daemon.add_port(spec)
+        port = daemon.device.ports[3]
+        port.announce()
+        port.host_attach()
+        port.apply(Input.GUEST_OPEN)
+        assert ok(daemon, {"cmd": "close-session", "port": 3}) == {"port": 3, "session": 1}
+        assert made[0].events == [("open", 1, ""), ("close", 1, "host-close")]
+        assert port.state is State.E
+        assert err(daemon, {"cmd": "close-session", "port": 3}) == "port 3 has no open session"
+        assert ok(daemon, {"cmd": "sessions"}) == []
+        port.host_attach()  # a peer comes back: a new session
+        assert ok(daemon, {"cmd": "sessions"}) == [
+            {"port": 3, "name": "", "session": 2, "state": "A"}
+        ]
+
+
+async def test_close_session_errors() -> None:
+    async with running() as daemon:
+        assert err(daemon, {"cmd": "close-session", "port": 2}) == "port 2 has no open session"
+        assert err(daemon, {"cmd": "close-session", "port": 7}) == "no port 7"
+        assert err(daemon, {"cmd": "close-session"}).startswith("port: expected an integer")
+
+
+async def test_reload(tmp_path: Path) -> None:
+    path = tmp_path / "t1.toml"
+    path.write_text(CONFIG)
+    async with running(CONFIG, str(path)) as daemon:
+        new = CONFIG.replace('name = "org.test.null"', 'name = "org.test.renamed"')
+        new = new.replace("[[port]]\nid = 0\nconsole = true\nbackend = { type = \"null\" }\n",
+                          "")
+        new += '\n[[port]]\nid = 3\nname = "new"\nbackend = { type = "null" }\n'
+        path.write_text(new)
+        assert ok(daemon, {"cmd": "reload"}) == {"added": [3], "removed": [0], "changed": [2]}
+        assert [(p["id"], p["name"]) for p in ok(daemon, {"cmd": "ports"})] == [
+            (1, "org.test.echo"), (2, "org.test.renamed"), (3, "new"),
+        ]
+        path.write_text("[vm\n")
+        assert err(daemon, {"cmd": "reload"}).startswith(f"{path}: not valid TOML")
+        assert len(daemon.device.ports) == 3
+
+
+async def test_reload_without_a_file() -> None:
+    async with running() as daemon:
+        assert err(daemon, {"cmd": "reload"}).startswith("t1.toml: cannot read: ")
+
+
+async def test_readded_port_never_reuses_session_ids() -> None:
+    async with running() as daemon:
+        guest_opens(daemon, 2)
+        ok(daemon, {"cmd": "remove-port", "id": 2})
+        ok(daemon, {"cmd": "add-port",
+                    "port": {"id": 2, "name": "org.test.null", "backend": {"type": "null"}}})
+        guest_opens(daemon, 2)
+        assert ok(daemon, {"cmd": "sessions"}) == [
+            {"port": 2, "name": "org.test.null", "session": 2, "state": "D"}
+        ]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [None, [], "status", 1, {}, {"cmd": "stauts"}, {"cmd": None}, {"cmd": ["status"]}],
+)
+async def test_bad_requests(request_: Any) -> None:
+    async with running() as daemon:
+        msg = err(daemon, request_)
+        assert msg == 'expected {"cmd": one of ' + ", ".join(admin.COMMANDS) + "}"
+
+
+# ------------------------------------------------------------------------ Prometheus
+
+HELP = re.compile(r"^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) (.+)$")
+TYPE = re.compile(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|untyped)$")
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+
+
+def parse_prometheus(text: str) -> dict[str, dict[str, Any]]:
+    """Families by name: kind, help and samples [(labels, value)]; asserts the format."""
+    assert text.endswith("\n")
+    families: dict[str, dict[str, Any]] = {}
+    current: str | None = None
+    for line in text[:-1].split("\n"):
+        if m := HELP.match(line):
+            assert m[1] not in families, f"family {m[1]} twice"
+            current = m[1]
+            families[current] = {"help": m[2], "kind": None, "samples": []}
+        elif m := TYPE.match(line):
+            assert m[1] == current and families[current]["kind"] is None
+            families[current]["kind"] = m[2]
+        elif m := SAMPLE.match(line):
+            assert m[1] == current, line
+            labels: dict[str, str] = {}
+            if m[2]:
+                pos = 0
+                while pos < len(m[2]):
+                    lm = LABEL.match(m[2], pos)
+                    assert lm, line
+                    assert lm[1] not in labels
+                    labels[lm[1]] = re.sub(r"\\(.)", lambda e: {"n": "\n"}.get(e[1], e[1]),
+                                           lm[2])
+                    pos = lm.end()
+                    if pos < len(m[2]):
+                        assert m[2][pos] == ",", line
+                        pos += 1
+            families[current]["samples"].append((labels, float(m[3])))
+        else:
+            raise AssertionError(f"not a Prometheus line: {line!r}")
+    for name, fam in families.items():
+        assert fam["kind"] is not None
+        if fam["kind"] == "counter":
+            assert name.endswith("_total"), name
+    return families
+
+
+async def test_metrics_parse_line_by_line() -> None:
+    async with running() as daemon:
+        guest_opens(daemon, 1)
+        port = daemon.device.ports[1]
+        port.guest_bytes(b"abc")
+        port.consumed(3)
+        daemon.device.ports[2].send(b"xy")
+        daemon.device.ports[2].apply(Input.RESET)
+        text = ok(daemon, {"cmd": "metrics"})
+        assert text == admin.prometheus(daemon)
+        fams = parse_prometheus(text)
+        assert set(fams) == {
+            "vhostser_frontend_connected", "vhostser_port_session_open",
+            "vhostser_port_bytes_total", "vhostser_port_buffers_total",
+            "vhostser_port_discarded_bytes_total", "vhostser_port_sessions_opened_total",
+            "vhostser_port_resets_total", "vhostser_control_messages_total",
+            "vhostser_bad_control_messages_total",
+        }
+        assert fams["vhostser_frontend_connected"]["samples"] == [({"vm": "t1"}, 0.0)]
+        assert fams["vhostser_port_session_open"]["kind"] == "gauge"
+        assert fams["vhostser_port_session_open"]["samples"] == [
+            ({"vm": "t1", "port": "0", "name": ""}, 0.0),
+            ({"vm": "t1", "port": "1", "name": "org.test.echo"}, 1.0),
+            ({"vm": "t1", "port": "2", "name": "org.test.null"}, 0.0),
+        ]
+        by = {(s[0]["port"], s[0]["direction"]): s[1]
+              for s in fams["vhostser_port_bytes_total"]["samples"]}
+        assert by[("1", "from_guest")] == 3 and by[("1", "to_guest")] == 3
+        assert by[("0", "to_guest")] == 0
+        assert fams["vhostser_port_discarded_bytes_total"]["samples"] == [
+            ({"vm": "t1", "port": "2", "name": "org.test.null", "reason": "guest-closed"}, 2.0)
+        ]
+        resets = {s[0]["port"]: s[1] for s in fams["vhostser_port_resets_total"]["samples"]}
+        assert resets == {"0": 0.0, "1": 0.0, "2": 1.0}
+        assert fams["vhostser_bad_control_messages_total"]["samples"] == [({"vm": "t1"}, 0.0)]
+
+
+async def test_metrics_label_escaping() -> None:
+    weird = 'we"ird\\name'
+    text = CONFIG.replace('name = "t1"', 'name = "vm \\"q\\""').replace(
+        '"org.test.null"', '"we\\"ird\\\\name"')
+    async with running(text) as daemon:
+        assert daemon.device.ports[2].name == weird
+        fams = parse_prometheus(admin.prometheus(daemon))
+        samples = fams["vhostser_port_session_open"]["samples"]
+        assert samples[2][0] == {"vm": 'vm "q"', "port": "2", "name": weird}
+
+
+async def test_metrics_with_no_ports() -> None:
+    async with running("[vm]\nname = \"empty\"\n") as daemon:
+        fams = parse_prometheus(admin.prometheus(daemon))
+        assert fams["vhostser_port_session_open"]["samples"] == []
+        assert fams["vhostser_frontend_connected"]["samples"] == [({"vm": "empty"}, 0.0)]
+
+
+# ------------------------------------------------------------------------ over the socket
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    # unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer
+    with tempfile.TemporaryDirectory(prefix="vsadm") as d:
+        yield d
+
+
+async def test_serve_admin_over_a_unix_socket(short_dir: str) -> None:
+    path = os.path.join(short_dir, "t1.ctl")
+    async with running() as daemon:
+        await daemon.nursery.start(admin.serve_admin, daemon, path)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        status = await trio.to_thread.run_sync(admin.request, path, {"cmd": "status"})
+        assert status["ok"] and status["result"]["vm"] == "t1"
+        bad = await trio.to_thread.run_sync(admin.request, path, {"cmd": "nope"})
+        assert bad["ok"] is False
+
+        def session() -> list[bytes]:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(path)
+                # two requests in one write, one split across writes, one not JSON
+                s.sendall(b'{"cmd": "sessions"}\n{"cmd": "ports"}\n{"cmd": ')
+                s.sendall(b'"status"}\nnot json\n')
+                buf = b""
+                while buf.count(b"\n") < 4:
+                    chunk = s.recv(65536)
+                    assert chunk
+                    buf += chunk
+            return buf.split(b"\n")[:4]
+
+        lines = [json.loads(x) for x in await trio.to_thread.run_sync(session)]
+        assert lines[0] == {"ok": True, "result": []}
+        assert [p["id"] for p in lines[1]["result"]] == [0, 1, 2]
+        assert lines[2]["result"]["vm"] == "t1"
+        assert lines[3]["ok"] is False and lines[3]["error"].startswith("not JSON: ")
+
+
+async def test_serve_admin_request_too_long(short_dir: str) -> None:
+    path = os.path.join(short_dir, "t1.ctl")
+    async with running() as daemon:
+        await daemon.nursery.start(admin.serve_admin, daemon, path)
+
+        def flood() -> bytes:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(path)
+                try:
+                    s.sendall(b"x" * (admin.MAX_REQUEST + 10))
+                except OSError:
+                    pass
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                return buf
+
+        reply = await trio.to_thread.run_sync(flood)
+        assert json.loads(reply) == {"ok": False, "error": "request too long"}

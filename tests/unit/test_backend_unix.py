@@ -1,0 +1,560 @@
+"""The `unix` backend over real unix sockets: the three modes, flow control, client role."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from test_backend_harness import (
+    Guest,
+    receive_exactly,
+    receive_until_eof,
+    running,
+    unix_connect,
+    wait_until,
+)
+
+from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode
+from vhostser.backends.peers import backoff_delays
+from vhostser.backends.unix import UnixBackend, prepare_socket_path
+from vhostser.console.port import PortConfig
+from vhostser.console.session import Input, State
+
+
+def make(tmp_path: Path, **options: Any) -> UnixBackend:
+    return UnixBackend.from_options({"path": str(tmp_path / "p.sock"), **options}, "test")
+
+
+def blob(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# ====================================================================== stream mode
+
+
+async def test_stream_first_peer_attaches_last_detaches(tmp_path: Path) -> None:
+    backend = make(tmp_path, max_peers=2)
+    guest = Guest(backend)
+    async with running(backend):
+        assert stat.S_IMODE(os.stat(backend.path).st_mode) == 0o660
+        assert not guest.host_open and not guest.port.state.guest_open  # B
+        a = await unix_connect(backend.path)
+        await wait_until(lambda: guest.state is State.C)
+        b = await unix_connect(backend.path)
+        await wait_until(lambda: backend.counters.peers_accepted == 2)
+        await a.aclose()
+        await wait_until(lambda: len(backend.peers) == 1)
+        assert guest.state is State.C
+        guest.open()
+        assert guest.port.state is State.A
+        await b.aclose()
+        await wait_until(lambda: guest.state is State.D)  # the session goes on without H
+        assert guest.port.session is not None and guest.port.session.id == 1
+    assert guest.host_opens() == [1, 0]
+    assert not os.path.exists(backend.path)  # our socket file is removed
+
+
+async def test_stream_bytes_both_ways_to_every_peer(tmp_path: Path) -> None:
+    backend = make(tmp_path, max_peers=2)
+    guest = Guest(backend)
+    up, down = blob(300_000, 1), blob(200_000, 2)
+    async with running(backend):
+        a = await unix_connect(backend.path)
+        b = await unix_connect(backend.path)
+        await wait_until(lambda: len(backend.peers) == 2)
+        guest.open()
+        async with trio.open_nursery() as nursery:
+            got: dict[str, bytes] = {}
+
+            async def peer_reads(name: str, s: trio.SocketStream) -> None:
+                got[name] = await receive_exactly(s, len(up))
+
+            nursery.start_soon(peer_reads, "a", a)
+            nursery.start_soon(peer_reads, "b", b)
+            nursery.start_soon(a.send_all, down)
+            guest.write(up)
+            await guest.drain()
+            assert await guest.read_exactly(len(down)) == down
+        assert got == {"a": up, "b": up}
+        assert backend.counters.bytes_to_peers == len(up)
+        assert backend.counters.bytes_from_peers == len(down)
+
+
+async def test_stream_full_staging_stops_reading_the_peer(tmp_path: Path) -> None:
+    backend = make(tmp_path)
+    guest = Guest(backend, PortConfig(1, name="x", staging_limit=4096))
+    payload = blob(4 << 20, 3)
+    async with running(backend):
+        peer = await unix_connect(backend.path)
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        async with trio.open_nursery() as nursery:
+            sent = trio.Event()
+
+            async def sender() -> None:
+                await peer.send_all(payload)
+                sent.set()
+
+            nursery.start_soon(sender)
+            await trio.sleep(0.3)
+            assert not sent.is_set(), "the peer's send should block: nobody reads"
+            assert guest.port.staged == 4096
+            # Read at most a chunk beyond what fits: the socket pushes back, memory is bounded.
+            assert backend.counters.bytes_from_peers <= 4096 + 2 * 65536
+            assert await guest.read_exactly(len(payload), timeout=10) == payload
+
+
+async def test_stream_slow_peer_blocks_the_guest(tmp_path: Path) -> None:
+    backend = make(tmp_path, max_peers=2, peer_queue=8192)
+    guest = Guest(backend)
+    payload = blob(2 << 20, 4)
+    async with running(backend):
+        fast = await unix_connect(backend.path)
+        slow = await unix_connect(backend.path)
+        await wait_until(lambda: len(backend.peers) == 2)
+        guest.open()
+        async with trio.open_nursery() as nursery:
+            fast_got = bytearray()
+
+            async def fast_reader() -> None:
+                fast_got.extend(await receive_exactly(fast, len(payload), timeout=10))
+
+            nursery.start_soon(fast_reader)
+            guest.write(payload)
+            with trio.move_on_after(0.3):
+                await guest.drain()
+            assert guest.pending, "the guest's write should block behind the slow peer"
+            # Bounded: each peer's queue holds at most peer_queue (+ one chain), the rest of
+            # the payload waits in the guest.
+            for p in backend.peers:
+                assert len(p.out) <= 8192 + 4096
+            slow_got = await receive_exactly(slow, len(payload), timeout=10)
+            await guest.drain()
+        assert slow_got == payload and bytes(fast_got) == payload
+        assert backend.counters.peers_dropped_slow == 0
+
+
+async def test_stream_drop_peer_disconnects_the_slow_one(tmp_path: Path) -> None:
+    backend = make(tmp_path, max_peers=2, peer_queue=8192, slow_peer="drop-peer")
+    guest = Guest(backend)
+    payload = blob(2 << 20, 5)
+    async with running(backend):
+        fast = await unix_connect(backend.path)
+        slow = await unix_connect(backend.path)
+        await wait_until(lambda: len(backend.peers) == 2)
+        guest.open()
+        async with trio.open_nursery() as nursery:
+            fast_got = bytearray()
+
+            async def fast_reader() -> None:
+                fast_got.extend(await receive_exactly(fast, len(payload), timeout=10))
+
+            nursery.start_soon(fast_reader)
+            guest.write(payload)
+            await guest.drain(timeout=10)  # never blocked by the slow peer
+        assert bytes(fast_got) == payload
+        assert backend.counters.peers_dropped_slow == 1
+        await wait_until(lambda: len(backend.peers) == 1)
+        # The slow peer got a prefix of the stream, then its connection was closed.
+        with trio.fail_after(3):
+            rest = bytearray()
+            try:
+                while chunk := await slow.receive_some(65536):
+                    rest += chunk
+            except trio.BrokenResourceError:
+                pass
+        assert payload.startswith(bytes(rest)) and len(rest) < len(payload)
+        assert guest.host_open  # the fast peer is still there
+
+
+async def test_connections_over_max_peers_are_refused(tmp_path: Path) -> None:
+    backend = make(tmp_path)
+    guest = Guest(backend)
+    async with running(backend):
+        first = await unix_connect(backend.path)
+        await wait_until(lambda: guest.host_open)
+        second = await unix_connect(backend.path)
+        assert await receive_until_eof(second) == b""
+        assert backend.counters.peers_refused == 1
+        guest.open()
+        await first.send_all(b"still here")
+        assert await guest.read_exactly(10) == b"still here"
+
+
+async def test_peer_bytes_never_reach_a_later_session(tmp_path: Path) -> None:
+    backend = make(tmp_path)
+    guest = Guest(backend, PortConfig(1, name="x", staging_limit=4096))
+    async with running(backend):
+        peer = await unix_connect(backend.path)
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        await peer.send_all(b"o" * 10_000)
+        await wait_until(lambda: backend.counters.bytes_from_peers == 10_000)
+        assert guest.port.staged == 4096  # the rest waits in the backend for room
+        guest.close()
+        guest.open()
+        # The staged 4096 and the 5904 still waiting in the backend: all dropped, counted.
+        await wait_until(lambda: guest.port.counters.discarded["stale"] == 10_000)
+        await peer.send_all(b"new")
+        assert await guest.read_exactly(3) == b"new"
+        assert guest.read() == b""
+
+
+async def test_bytes_from_a_peer_while_the_guest_is_closed_are_dropped(tmp_path: Path) -> None:
+    backend = make(tmp_path)
+    guest = Guest(backend)
+    async with running(backend):
+        peer = await unix_connect(backend.path)
+        await peer.send_all(b"nobody hears this")
+        await wait_until(lambda: guest.port.counters.discarded["guest-closed"] == 17)
+        guest.open()
+        await peer.send_all(b"hi")
+        assert await guest.read_exactly(2) == b"hi"
+
+
+async def test_a_stale_socket_file_is_replaced_and_other_files_are_not(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()  # the file stays, nobody listens: stale
+    prepare_socket_path(str(path))
+    assert not path.exists()
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    with pytest.raises(OSError, match="another process"):
+        prepare_socket_path(str(path))
+    live.close()
+    path.unlink()
+    path.write_text("precious")
+    with pytest.raises(OSError, match="not a socket"):
+        prepare_socket_path(str(path))
+    assert path.read_text() == "precious"
+    prepare_socket_path(str(tmp_path / "new" / "dir" / "s.sock"))
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+# ====================================================================== session mode
+
+
+async def test_session_mode_one_connection_per_session(tmp_path: Path) -> None:
+    backend = make(tmp_path, mode="session")
+    guest = Guest(backend)
+    async with running(backend):
+        peer = await unix_connect(backend.path)
+        await wait_until(lambda: guest.state is State.C)
+        guest.open()
+        await peer.send_all(b"ping")
+        assert await guest.read_exactly(4) == b"ping"
+        guest.write(b"pong, and bye")
+        await guest.drain()
+        guest.close()
+        # The session's last bytes, then EOF exactly at the session boundary.
+        assert await receive_until_eof(peer) == b"pong, and bye"
+        await peer.aclose()
+        await wait_until(lambda: guest.state is State.B)
+        # The next peer lives the next session.
+        peer2 = await unix_connect(backend.path)
+        await wait_until(lambda: guest.state is State.C)
+        guest.open()
+        assert guest.port.session is not None and guest.port.session.id == 2
+        guest.write(b"2")
+        await guest.drain()
+        assert await receive_exactly(peer2, 1) == b"2"
+    assert guest.host_opens() == [1, 0, 1]
+
+
+async def test_session_mode_peer_hangup_ends_the_session(tmp_path: Path) -> None:
+    backend = make(tmp_path, mode="session")
+    guest = Guest(backend)
+    async with running(backend):
+        guest.open()  # D: open, nobody there
+        peer = await unix_connect(backend.path)
+        await wait_until(lambda: guest.state is State.A)
+        assert guest.port.session is not None and guest.port.session.id == 1
+        await peer.aclose()
+        await wait_until(lambda: guest.state is State.E)  # host-close: the guest reads EOF
+        assert guest.port.session is None
+        # A new peer starts a new session; nothing of session 1 can reach it.
+        peer2 = await unix_connect(backend.path)
+        await wait_until(lambda: guest.state is State.A)
+        assert guest.port.session is not None and guest.port.session.id == 2
+        guest.write(b"hello 2")
+        await guest.drain()
+        assert await receive_exactly(peer2, 7) == b"hello 2"
+    assert guest.host_opens() == [1, 0, 1]
+
+
+async def test_session_mode_bytes_sent_before_the_guest_opens(tmp_path: Path) -> None:
+    backend = make(tmp_path, mode="session")
+    guest = Guest(backend)
+    async with running(backend):
+        peer = await unix_connect(backend.path)
+        await peer.send_all(b"early request")
+        await wait_until(lambda: backend.counters.bytes_from_peers == 13)
+        assert guest.port.counters.discarded["guest-closed"] == 0
+        guest.open()
+        assert await guest.read_exactly(13) == b"early request"
+
+
+async def test_session_mode_a_new_peer_may_come_while_the_old_one_lingers(
+    tmp_path: Path,
+) -> None:
+    backend = make(tmp_path, mode="session")
+    guest = Guest(backend)
+    async with running(backend):
+        old = await unix_connect(backend.path)
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        guest.close()
+        assert await receive_until_eof(old) == b""  # EOF, but `old` does not hang up yet
+        new = await unix_connect(backend.path)
+        await wait_until(lambda: backend.counters.peers_accepted == 2)
+        assert backend.counters.peers_refused == 0
+        guest.open()
+        await new.send_all(b"n")
+        assert await guest.read_exactly(1) == b"n"
+        await old.send_all(b"late")  # the old session's peer: never delivered
+        await wait_until(lambda: backend.counters.stale_bytes == 4)
+        assert guest.read() == b""
+
+
+async def test_session_mode_slow_peer_dropped_ends_its_session(tmp_path: Path) -> None:
+    backend = make(tmp_path, mode="session", peer_queue=4096, slow_peer="drop-peer")
+    guest = Guest(backend)
+    async with running(backend):
+        peer = await unix_connect(backend.path)  # connected, never reads
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        guest.write(blob(4 << 20))
+        await wait_until(lambda: backend.counters.peers_dropped_slow == 1)
+        await wait_until(lambda: guest.state is State.E)
+        # What the guest writes after its session ended is the port's to drop (counted).
+        await guest.drain()
+        assert guest.port.counters.discarded["no-session"] > 0
+        await peer.aclose()
+
+
+# ====================================================================== framed mode
+
+
+class FramedPeer:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder(accept_open=True)
+        self.frames: list[Open | Data | Close] = []
+
+    async def next(self) -> Open | Data | Close:
+        with trio.fail_after(3):
+            while not self.frames:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise EOFError
+                self.decoder.feed(data)
+                self.frames.extend(self.decoder)
+        return self.frames.pop(0)
+
+    async def data(self, session: int, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            frame = await self.next()
+            assert isinstance(frame, Data) and frame.session == session, frame
+            out += frame.data
+        return bytes(out)
+
+    async def send(self, frame: Open | Data | Close) -> None:
+        await self.stream.send_all(encode(frame))
+
+
+async def test_framed_sessions_as_frames(tmp_path: Path) -> None:
+    backend = make(tmp_path, mode="framed")
+    guest = Guest(backend, PortConfig(1, name="org.test.framed"))
+    async with running(backend):
+        peer = FramedPeer(await unix_connect(backend.path))
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        assert await peer.next() == Open(1, "org.test.framed")
+        big = blob(200_000, 7)
+        guest.write(big)
+        await guest.drain()
+        assert await peer.data(1, len(big)) == big
+        await peer.send(Data(1, b"pong"))
+        assert await guest.read_exactly(4) == b"pong"
+        guest.close()
+        assert await peer.next() == Close(1, "guest-close")
+        guest.open()
+        assert await peer.next() == Open(2, "org.test.framed")
+        # DATA naming session 1 is stale now: dropped and counted, never given to session 2.
+        await peer.send(Data(1, b"stale!"))
+        await peer.send(Data(2, b"ok"))
+        assert await guest.read_exactly(2) == b"ok"
+        assert backend.counters.stale_frames == 1 and backend.counters.stale_bytes == 6
+        guest.reset()
+        assert await peer.next() == Close(2, "reset")
+
+
+async def test_framed_peer_close_ends_the_session_until_the_guest_reopens(
+    tmp_path: Path,
+) -> None:
+    backend = make(tmp_path, mode="framed")
+    guest = Guest(backend, PortConfig(1, name="f"))
+    async with running(backend):
+        peer = FramedPeer(await unix_connect(backend.path))
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        assert await peer.next() == Open(1, "f")
+        await peer.send(Close(1, "host-close"))
+        assert await peer.next() == Close(1, "host-close")
+        await wait_until(lambda: guest.state is State.E)
+        await trio.sleep(0.05)
+        assert guest.state is State.E  # not re-attached under the guest's EOF
+        await peer.send(Close(1, "again"))  # no longer open: ignored, counted
+        await wait_until(lambda: backend.counters.stale_frames == 1)
+        guest.close()
+        guest.open()
+        await wait_until(lambda: guest.state is State.A)
+        assert await peer.next() == Open(2, "f")
+    assert guest.host_opens() == [1, 0, 1]
+
+
+async def test_framed_peer_joining_an_open_session_gets_open_once(tmp_path: Path) -> None:
+    backend = make(tmp_path, mode="framed", max_peers=2)
+    guest = Guest(backend, PortConfig(1, name="f"))
+    async with running(backend):
+        guest.open()
+        first = FramedPeer(await unix_connect(backend.path))
+        assert await first.next() == Open(1, "f")
+        second = FramedPeer(await unix_connect(backend.path))
+        assert await second.next() == Open(1, "f")
+        guest.write(b"both")
+        await guest.drain()
+        assert await first.data(1, 4) == b"both"
+        assert await second.data(1, 4) == b"both"
+        assert first.frames == [] and second.frames == []
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x00",  # length 0
+        b"\x00\x20\x00\x00",  # length over 1 MiB
+        b"\x00\x00\x00\x09\x07" + bytes(8),  # unknown type
+        encode(Open(1, "peers may not open")),
+        b"\x00\x00\x00\x03\x02ab",  # DATA without a session id
+        b"\x00\x00\x00\x0a\x03" + bytes(8) + b"\xff",  # CLOSE reason not UTF-8
+    ],
+)
+async def test_framed_malformed_frame_disconnects_the_peer(
+    tmp_path: Path, garbage: bytes
+) -> None:
+    backend = make(tmp_path, mode="framed")
+    guest = Guest(backend)
+    async with running(backend):
+        stream = await unix_connect(backend.path)
+        await wait_until(lambda: guest.host_open)
+        await stream.send_all(garbage)
+        assert await receive_until_eof(stream) == b""
+        await wait_until(lambda: not guest.host_open)
+        assert backend.counters.peers_malformed == 1
+
+
+# ====================================================================== client role
+
+
+def test_backoff_doubles_to_five_seconds() -> None:
+    delays = backoff_delays()
+    assert [round(next(delays), 3) for _ in range(9)] == [
+        0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0
+    ]
+
+
+async def test_client_reconnects_with_backoff(tmp_path: Path) -> None:
+    path = str(tmp_path / "server.sock")
+    backend = UnixBackend.from_options({"path": path, "role": "client"}, "test")
+    guest = Guest(backend)
+    async with running(backend):
+        await wait_until(lambda: backend.counters.connect_failures >= 2)
+        t0 = trio.current_time()
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(path)
+        listener.listen(4)
+        with listener:
+            conn, _ = await listener.accept()  # the third attempt, 0.4 s after the second
+            assert trio.current_time() - t0 < 1.0
+            await wait_until(lambda: guest.host_open)
+            guest.open()
+            server = trio.SocketStream(conn)
+            await server.send_all(b"from server")
+            assert await guest.read_exactly(11) == b"from server"
+            await server.aclose()  # the server drops us: H goes, we come back
+            await wait_until(lambda: not guest.host_open)
+            conn2, _ = await listener.accept()
+            await wait_until(lambda: guest.host_open)
+            guest.write(b"again")
+            await guest.drain()
+            assert await receive_exactly(trio.SocketStream(conn2), 5) == b"again"
+        assert backend.counters.connects == 2
+    assert guest.host_opens() == [1, 0, 1]
+
+
+async def test_client_in_session_mode_reconnects_for_the_next_session(tmp_path: Path) -> None:
+    path = str(tmp_path / "server.sock")
+    backend = UnixBackend.from_options({"path": path, "role": "client", "mode": "session"},
+                                       "test")
+    guest = Guest(backend)
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(4)
+    with listener:
+        async with running(backend):
+            conn, _ = await listener.accept()
+            await wait_until(lambda: guest.host_open)
+            guest.open()
+            guest.write(b"session one")
+            await guest.drain()
+            guest.close()
+            first = trio.SocketStream(conn)
+            assert await receive_until_eof(first) == b"session one"
+            await first.aclose()
+            conn2, _ = await listener.accept()  # a fresh connection for the next session
+            await wait_until(lambda: guest.state is State.C)
+            guest.open()
+            assert guest.port.session is not None and guest.port.session.id == 2
+            await trio.SocketStream(conn2).send_all(b"two")
+            assert await guest.read_exactly(3) == b"two"
+        assert backend.counters.connect_failures == 0
+
+
+# ====================================================================== daemon life cycle
+
+
+async def test_shutdown_closes_the_session_without_starting_another(tmp_path: Path) -> None:
+    backend = make(tmp_path, mode="framed")
+    guest = Guest(backend, PortConfig(1, name="f"))
+    async with running(backend):
+        peer = FramedPeer(await unix_connect(backend.path))
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        assert await peer.next() == Open(1, "f")
+        guest.port.apply(Input.SHUTDOWN)
+        assert await peer.next() == Close(1, "shutdown")
+        await trio.sleep(0.05)
+        assert guest.port.session is None and guest.port.counters.sessions_opened == 1
+
+
+async def test_a_restored_session_is_replayed_to_peers(tmp_path: Path) -> None:
+    backend = make(tmp_path, mode="framed")
+    guest = Guest(backend, PortConfig(1, name="f"))
+    guest.port.restore_session(41)  # the daemon restarted; the guest never closed the port
+    async with running(backend):
+        peer = FramedPeer(await unix_connect(backend.path))
+        assert await peer.next() == Open(41, "f")
+        await wait_until(lambda: guest.port.state is State.A)
+        await peer.send(Data(41, b"same session"))
+        assert await guest.read_exactly(12) == b"same session"

@@ -1,0 +1,333 @@
+"""The per-VM config file (vhostser.config): every error names the file, the key path and what
+was expected; valid files (the embedded default, a realistic one) load into the right objects."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from vhostser import config
+from vhostser.backends.base import PortBackend
+from vhostser.backends.registry import BACKENDS
+from vhostser.config import ConfigError, PortSpec, VMConfig, parse
+from vhostser.console.port import DEFAULT_STAGING, PortConfig
+
+SRC = "web1.toml"
+NULL = 'backend = { type = "null" }'
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(text, SRC)
+    msg = str(info.value)
+    assert msg.startswith(f"{SRC}: "), msg
+    return msg
+
+
+def port_doc(body: str, *, vm: str = "") -> str:
+    return f"[vm]\n{vm}\n[[port]]\n{body}\n"
+
+
+# ------------------------------------------------------------------------ valid documents
+
+
+def test_empty_document_defaults() -> None:
+    cfg = parse("", SRC, default_name="web1")
+    assert cfg == VMConfig(name="web1", socket="/run/vhostser/web1.sock", source=SRC)
+    assert (cfg.max_ports, cfg.frontend_grace, cfg.cols, cfg.rows) == (4, 30.0, 80, 25)
+    assert cfg.state_dir is None and cfg.admin_socket is None
+    assert not cfg.resize_rows_first
+    assert cfg.ports == ()
+
+
+def test_embedded_default_parses() -> None:
+    cfg = config.default()
+    assert cfg.name == "default"
+    assert cfg.source == "<embedded default>"
+    assert cfg.socket == "/tmp/vhostser/default.sock"
+    assert cfg.admin_socket == "/tmp/vhostser/default.ctl"
+    assert [(p.config.id, p.config.name, p.config.console, p.backend_type) for p in cfg.ports] == [
+        (0, "", True, "stdout"),
+        (1, "org.vhostser.echo", False, "echo"),
+    ]
+    for spec in cfg.ports:
+        backend = spec.make_backend()
+        assert isinstance(backend, PortBackend)
+        assert isinstance(backend, BACKENDS[spec.backend_type])
+
+
+REALISTIC = """\
+# web1: a guest agent, a serial console with a log, a TCP debug port
+[vm]
+name = "web1"
+socket = "/run/vhostser/web1.sock"
+max_ports = 8
+state_dir = "/var/lib/vhostser/web1"
+admin_socket = "/run/vhostser/web1.ctl"
+frontend_grace = 45
+cols = 132
+rows = 43
+resize_order = "rows-cols"
+
+[[port]]
+id = 0
+console = true
+backend = { type = "file", path = "@DIR@/web1.console.log", append = true }
+
+[[port]]
+id = 1
+name = "org.qemu.guest_agent.0"
+guest_writes_without_host = "hold"
+staging = 131072
+backend = { type = "unix", path = "@DIR@/web1.qga.sock" }
+
+[[port]]
+id = 5
+name = "org.example.debug"
+guest_writes_without_host = "discard"
+[port.backend]
+type = "tcp"
+host = "127.0.0.1"
+port = 7001
+
+[[port]]
+id = 7
+name = "org.example.null"
+backend = { type = "null" }
+"""
+
+
+def test_realistic_file_loads(tmp_path: Path) -> None:
+    path = tmp_path / "web1.toml"
+    path.write_text(REALISTIC.replace("@DIR@", str(tmp_path)))
+    cfg = config.load(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["web1.toml"]  # validating made nothing
+    assert cfg.source == str(path)
+    assert (cfg.name, cfg.socket, cfg.max_ports) == ("web1", "/run/vhostser/web1.sock", 8)
+    assert cfg.state_dir == "/var/lib/vhostser/web1"
+    assert cfg.admin_socket == "/run/vhostser/web1.ctl"
+    assert cfg.frontend_grace == 45.0 and isinstance(cfg.frontend_grace, float)
+    assert (cfg.cols, cfg.rows, cfg.resize_rows_first) == (132, 43, True)
+    assert [p.config for p in cfg.ports] == [
+        PortConfig(0, "", True, "hold", DEFAULT_STAGING),
+        PortConfig(1, "org.qemu.guest_agent.0", False, "hold", 131072),
+        PortConfig(5, "org.example.debug", False, "discard", DEFAULT_STAGING),
+        PortConfig(7, "org.example.null", False, "hold", DEFAULT_STAGING),
+    ]
+    assert [p.backend_type for p in cfg.ports] == ["file", "unix", "tcp", "null"]
+    assert cfg.ports[1].backend_options == {"path": f"{tmp_path}/web1.qga.sock"}
+    assert cfg.ports[2].backend_options == {"host": "127.0.0.1", "port": 7001}
+
+
+def test_make_backend_gives_a_new_backend_each_time() -> None:
+    cfg = parse(REALISTIC.replace("@DIR@", "/nonexistent"), SRC)
+    spec = cfg.ports[1]
+    a, b = spec.make_backend(), spec.make_backend()
+    assert a is not b
+    assert type(a) is BACKENDS["unix"]
+
+
+def test_name_defaults_to_the_file_stem(tmp_path: Path) -> None:
+    path = tmp_path / "db7.toml"
+    path.write_text("[vm]\nmax_ports = 2\n")
+    cfg = config.load(path)
+    assert cfg.name == "db7"
+    assert cfg.socket == "/run/vhostser/db7.sock"
+
+
+def test_bounds_are_inclusive() -> None:
+    cfg = parse(
+        "[vm]\nmax_ports = 31\ncols = 65535\nrows = 1\nfrontend_grace = 0\n"
+        "[[port]]\nid = 30\nstaging = 4096\n" + NULL + "\n"
+        "[[port]]\nid = 0\nstaging = 67108864\n" + NULL + "\n"
+        f'[[port]]\nid = 1\nname = "{"n" * 255}"\n' + NULL + "\n",
+        SRC,
+    )
+    assert cfg.max_ports == 31
+    assert [p.config.staging_limit for p in cfg.ports] == [4096, 64 << 20, DEFAULT_STAGING]
+    assert cfg.frontend_grace == 0.0
+    assert parse("[vm]\nmax_ports = 1\n[[port]]\nid = 0\n" + NULL, SRC).ports[0].config.id == 0
+
+
+def test_port_spec_type() -> None:
+    spec = parse(port_doc("id = 1\n" + NULL), SRC).ports[0]
+    assert isinstance(spec, PortSpec)
+    assert spec.backend_type == "null" and spec.backend_options == {}
+
+
+# ------------------------------------------------------------------------ errors
+
+
+def test_invalid_toml() -> None:
+    msg = error_of("[vm\nname = 1")
+    assert re.match(rf"{SRC}: not valid TOML: .*line 1", msg), msg
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(missing))}: cannot read: "
+                                          "No such file or directory$"):
+        config.load(missing)
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "expected"),
+    [
+        ("colour = 1\n", "<top>.colour", "one of port, vm (unknown key)"),
+        ("[vm]\nmax_port = 4\n", "vm.max_port", "(unknown key)"),
+        (port_doc("id = 1\nbakend = 1\n" + NULL), "port[0].bakend", "(unknown key)"),
+        (port_doc('id = 1\nbackend = { type = "null", path = "/x" }'),
+         "port[0].backend.path", "no options (unknown key)"),
+        (port_doc('id = 1\nbackend = { type = "unix", path = "/x", mdoe = "framed" }'),
+         "port[0].backend.mdoe", "(unknown key)"),
+    ],
+    ids=["top", "vm", "port", "null-backend", "unix-backend"],
+)
+def test_unknown_keys_at_every_level(text: str, path: str, expected: str) -> None:
+    msg = error_of(text)
+    assert f"{SRC}: {path}: expected " in msg
+    assert expected in msg
+
+
+def test_unknown_key_in_the_second_port_names_it() -> None:
+    msg = error_of(
+        "[[port]]\nid = 0\n" + NULL + "\n[[port]]\nid = 1\nconsol = true\n" + NULL + "\n"
+    )
+    assert msg.startswith(f"{SRC}: port[1].consol: expected one of backend, console, ")
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "expected", "got"),
+    [
+        ("[vm]\nmax_ports = true\n", "vm.max_ports", "int", "True"),
+        ("[vm]\nmax_ports = 4.0\n", "vm.max_ports", "int", "4.0"),
+        ('[vm]\nmax_ports = "4"\n', "vm.max_ports", "int", "'4'"),
+        ("[vm]\nname = 7\n", "vm.name", "str", "7"),
+        ("[vm]\nsocket = false\n", "vm.socket", "str", "False"),
+        ("[vm]\ncols = true\n", "vm.cols", "int", "True"),
+        ("[vm]\nfrontend_grace = true\n", "vm.frontend_grace", "float", "True"),
+        ('[vm]\nfrontend_grace = "30s"\n', "vm.frontend_grace", "float", "'30s'"),
+        ("[vm]\nresize_order = 1\n", "vm.resize_order", "str", "1"),
+        ("vm = 3\n", "<top>.vm", "dict", "3"),
+        ("[port]\nid = 1\n", "<top>.port", "list", "{'id': 1}"),
+        (port_doc("id = true\n" + NULL), "port[0].id", "int", "True"),
+        (port_doc('id = "1"\n' + NULL), "port[0].id", "int", "'1'"),
+        (port_doc("id = 1\nconsole = 1\n" + NULL), "port[0].console", "bool", "1"),
+        (port_doc("id = 1\nname = 5\n" + NULL), "port[0].name", "str", "5"),
+        (port_doc("id = 1\nstaging = false\n" + NULL), "port[0].staging", "int", "False"),
+        (port_doc('id = 1\nbackend = "null"'), "port[0].backend", "dict", "'null'"),
+        (port_doc('id = 1\nbackend = { type = "unix", path = "/x", max_peers = true }'),
+         "port[0].backend.max_peers", "an integer in 1..1024", "True"),
+        (port_doc('id = 1\nbackend = { type = "tcp", port = true }'),
+         "port[0].backend.port", "an integer in", "True"),
+    ],
+)
+def test_wrong_types(text: str, path: str, expected: str, got: str) -> None:
+    msg = error_of(text)
+    assert msg.startswith(f"{SRC}: {path}: expected {expected}"), msg
+    assert msg.endswith(f"got {got}"), msg
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "expected", "got"),
+    [
+        ("[vm]\nmax_ports = 0\n", "vm.max_ports", "an integer in 1..31", "0"),
+        ("[vm]\nmax_ports = 32\n", "vm.max_ports", "an integer in 1..31", "32"),
+        ("[vm]\ncols = 0\n", "vm.cols", "an integer in 1..65535", "0"),
+        ("[vm]\nrows = 65536\n", "vm.rows", "an integer in 1..65535", "65536"),
+        ("[vm]\nfrontend_grace = -1\n", "vm.frontend_grace", "a number of seconds ≥ 0", "-1.0"),
+        ('[vm]\nresize_order = "rows"\n', "vm.resize_order", "one of cols-rows, rows-cols",
+         "'rows'"),
+        (port_doc("id = 4\n" + NULL), "port[0].id", "an integer in 0..3", "4"),
+        (port_doc("id = 2\n" + NULL, vm="max_ports = 2"), "port[0].id", "an integer in 0..1",
+         "2"),
+        (port_doc("id = -1\n" + NULL), "port[0].id", "an integer in 0..3", "-1"),
+        (port_doc("id = 1\nstaging = 4095\n" + NULL), "port[0].staging",
+         "an integer in 4096..67108864", "4095"),
+        (port_doc('id = 1\nguest_writes_without_host = "block"\n' + NULL),
+         "port[0].guest_writes_without_host", "one of hold, discard", "'block'"),
+        (port_doc('id = 1\nname = "a/b"\n' + NULL), "port[0].name",
+         "a port name without '/' or NUL, of at most 255 bytes", "'a/b'"),
+        (port_doc('id = 1\nname = "' + "\u00e9" * 128 + '"\n' + NULL), "port[0].name",
+         "a port name without '/' or NUL, of at most 255 bytes", "'"),
+        (port_doc('id = 1\nbackend = { type = "unix", path = "/x", mode = "raw" }'),
+         "port[0].backend.mode", 'one of "stream", "session", "framed"', "'raw'"),
+    ],
+)
+def test_out_of_range(text: str, path: str, expected: str, got: str) -> None:
+    msg = error_of(text)
+    assert msg.startswith(f"{SRC}: {path}: expected {expected}, got "), msg
+    assert got in msg
+
+
+def test_port_id_checked_against_max_ports_of_the_same_file() -> None:
+    # vm comes after the ports in the file: max_ports still applies to them
+    text = "[[port]]\nid = 5\n" + NULL + "\n[vm]\nmax_ports = 8\n"
+    assert parse(text, SRC).ports[0].config.id == 5
+
+
+def test_missing_port_id() -> None:
+    assert error_of(port_doc(NULL)) == f"{SRC}: port[0].id: required key missing"
+
+
+def test_missing_backend() -> None:
+    assert error_of(port_doc("id = 1")) == f"{SRC}: port[0].backend: required key missing"
+
+
+@pytest.mark.parametrize(("backend", "got"), [
+    ('{ type = "serial" }', "'serial'"),
+    ('{ path = "/x" }', "None"),
+    ("{ type = 3 }", "3"),
+])
+def test_unknown_backend_type(backend: str, got: str) -> None:
+    msg = error_of("[[port]]\nid = 0\n" + NULL + f"\n[[port]]\nid = 1\nbackend = {backend}\n")
+    types = ", ".join(sorted(BACKENDS))
+    assert msg == f"{SRC}: port[1].backend.type: expected one of {types}, got {got}"
+
+
+def test_backend_option_errors_carry_the_path() -> None:
+    msg = error_of(port_doc('id = 2\nbackend = { type = "unix" }'))
+    assert msg.startswith(f"{SRC}: port[0].backend.path: expected a non-empty string")
+
+
+def test_port_not_a_table() -> None:
+    assert error_of("port = [1]\n") == f"{SRC}: port[0]: expected a table, got 1"
+
+
+def test_duplicate_ids() -> None:
+    msg = error_of("[[port]]\nid = 1\n" + NULL + "\n[[port]]\nid = 1\n" + NULL + "\n")
+    assert msg.endswith("port[1].id: expected a unique port id, got 1 (also port[0].id)")
+
+
+def test_duplicate_names() -> None:
+    msg = error_of(
+        '[[port]]\nid = 1\nname = "a"\n' + NULL + '\n[[port]]\nid = 2\nname = "a"\n' + NULL
+    )
+    assert msg.endswith("port[1].name: expected a unique name, got 'a' (also port[0].name)")
+
+
+def test_several_unnamed_ports_are_fine() -> None:
+    cfg = parse("[[port]]\nid = 1\n" + NULL + "\n[[port]]\nid = 2\n" + NULL + "\n", SRC)
+    assert [p.config.name for p in cfg.ports] == ["", ""]
+
+
+@pytest.mark.parametrize("key", ["id", "name"])
+def test_duplicates_name_the_key_path(key: str) -> None:
+    msg = error_of(
+        '[[port]]\nid = 1\nname = "a"\n' + NULL + "\n"
+        + ('[[port]]\nid = 1\nname = "b"\n' if key == "id" else '[[port]]\nid = 2\nname = "a"\n')
+        + NULL + "\n"
+    )
+    assert f"{SRC}: port[1].{key}: " in msg
+
+
+def test_frontend_grace_nan_rejected() -> None:
+    msg = error_of("[vm]\nfrontend_grace = nan\n")
+    assert "vm.frontend_grace: expected a number of seconds" in msg
+
+
+def test_port_name_with_nul_rejected() -> None:
+    msg = error_of(port_doc('id = 1\nname = "qga\\u0000x"\n' + NULL))
+    assert f"{SRC}: port[0].name: expected " in msg

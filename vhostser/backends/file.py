@@ -1,0 +1,227 @@
+"""The `file` backend: the guest's bytes appended to a log file, rotate-safe.
+
+    backend = { type = "file", path = "/var/log/vhostser/web1.serial.log" }
+
+Options: `path` (required); `append` (default true; false truncates the file when the
+backend starts — never on a reopen); `timestamps` (default false: each line gets an
+ISO-8601 UTC prefix, `2025-01-31T12:00:00.000Z `); `attach` true | false | "auto".
+
+The file is opened O_WRONLY|O_APPEND|O_CREAT with mode 0640. `reopen()` (the daemon calls it
+on SIGHUP, after logrotate renamed the file) opens the path anew and only then closes the
+old file; every write is complete before it returns, so no byte is lost or split between the
+two files.
+
+`attach`: whether the backend attaches a host peer (H=1). A Linux guest blocks writes to a
+(non-console) port while the host side is closed (virtio_console.c, will_write_block), so a
+log of a data port must attach or it receives nothing; on a console port (hvc) H does not
+matter and the log stays "nobody there" (H=0). "auto" (default) does exactly that: attach
+unless the port is a console port. Host→guest: nothing; the guest reads nothing, ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Self
+
+import trio
+
+from .options import ConfigurableBackend, Options
+
+log = logging.getLogger("vhostser.backends")
+
+FILE_MODE = 0o640
+Attach = bool | Literal["auto"]
+
+
+def format_timestamp(t: float) -> str:
+    millis = int(t * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{millis:03d}Z "
+
+
+class LineStamper:
+    """Prefixes every line start with a timestamp, across chunk boundaries (sans-io)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.at_line_start = True
+
+    def stamp(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        prefix = format_timestamp(self.clock()).encode()
+        out = bytearray()
+        parts = data.split(b"\n")
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            if i == last and not part:
+                break  # the data ended with a newline: the next line starts later
+            if self.at_line_start:
+                out += prefix
+            out += part
+            if i < last:
+                out += b"\n"
+                self.at_line_start = True
+            else:
+                self.at_line_start = False
+        return bytes(out)
+
+
+@dataclass
+class FileCounters:
+    bytes_written: int = 0
+    bytes_lost: int = 0  # could not be written (disk full, I/O error): counted and logged
+    write_errors: int = 0
+    open_errors: int = 0
+    reopens: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class FileSink:
+    """Appends bytes to a file; survives rotation through `reopen`."""
+
+    RETRY_OPEN = 1.0  # seconds between attempts to open a file that would not open
+
+    def __init__(self, path: str, *, truncate: bool = False, timestamps: bool = False,
+                 label: str = "") -> None:
+        self.path = path
+        self.label = label or path
+        self.counters = FileCounters()
+        self.stamper = LineStamper() if timestamps else None
+        self._truncate = truncate
+        self._fd = -1
+        self._next_open = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0
+
+    def _open_fd(self, truncate: bool) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        if truncate:
+            flags |= os.O_TRUNC
+        return os.open(self.path, flags, FILE_MODE)
+
+    def open(self) -> bool:
+        """Open the file if it is not open; False (logged, counted) if it cannot be."""
+        if self._fd >= 0:
+            return True
+        now = time.monotonic()
+        if now < self._next_open:
+            return False
+        try:
+            self._fd = self._open_fd(self._truncate)
+        except OSError as e:
+            self.counters.open_errors += 1
+            self._next_open = now + self.RETRY_OPEN
+            log.error("%s: cannot open %s: %s", self.label, self.path, e)
+            return False
+        self._truncate = False  # only the first open of a backend truncates
+        return True
+
+    def write(self, data: bytes) -> None:
+        if self.stamper is not None:
+            data = self.stamper.stamp(data)
+        if not self.open():
+            self._lost(len(data), "file not open")
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                self.counters.write_errors += 1
+                self._lost(len(view), str(e))
+                return
+            view = view[n:]
+            self.counters.bytes_written += n
+
+    def _lost(self, n: int, why: str) -> None:
+        self.counters.bytes_lost += n
+        if self.counters.bytes_lost == n or self.counters.write_errors % 100 == 1:
+            log.error("%s: %d bytes for %s lost: %s (%d lost so far)",
+                      self.label, n, self.path, why, self.counters.bytes_lost)
+
+    def reopen(self) -> None:
+        """Open the path anew (after a rename by logrotate), then close the old file."""
+        try:
+            fd = self._open_fd(False)
+        except OSError as e:
+            self.counters.open_errors += 1
+            log.error("%s: reopen of %s failed, writing on to the old file: %s",
+                      self.label, self.path, e)
+            return
+        old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
+        self.counters.reopens += 1
+        log.info("%s: reopened %s", self.label, self.path)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_attach(o: Options) -> Attach:
+    value = o.options.get("attach", "auto")
+    if value is True or value is False or value == "auto":
+        return value  # type: ignore[no-any-return]
+    o.fail("attach", 'true, false or "auto"', value)
+
+
+class FileBackend(ConfigurableBackend):
+    """Guest bytes appended to a file (see the module doc)."""
+
+    def __init__(self, path: str, *, append: bool = True, timestamps: bool = False,
+                 attach: Attach = "auto") -> None:
+        self.sink = FileSink(path, truncate=not append, timestamps=timestamps)
+        self.attach = attach
+        self.counters = self.sink.counters
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+        o = Options(options, where, {"path", "append", "timestamps", "attach"})
+        return cls(
+            o.required_string("path"),
+            append=o.boolean("append", True),
+            timestamps=o.boolean("timestamps", False),
+            attach=read_attach(o),
+        )
+
+    @property
+    def path(self) -> str:
+        return self.sink.path
+
+    def _label(self) -> str:
+        return f"port {self.port.id} {self.port.name!r}"
+
+    def guest_data(self, data: bytes) -> bool:
+        self.sink.write(data)
+        return True
+
+    def reopen(self) -> None:
+        """After log rotation (SIGHUP)."""
+        self.sink.reopen()
+
+    def should_attach(self) -> bool:
+        return (not self.port.config.console) if self.attach == "auto" else bool(self.attach)
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        self.sink.label = self._label()
+        self.sink.open()
+        log.info("%s: logging to %s", self.sink.label, self.path)
+        if self.should_attach():
+            self.port.host_attach()
+        task_status.started(self.path)
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.sink.close()

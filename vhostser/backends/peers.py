@@ -1,0 +1,614 @@
+"""Host peers on stream sockets: the one implementation behind the `unix` and `tcp` backends.
+
+A `PeerBackend` gets its sockets from an `Endpoint` (listen or connect: the only thing that
+differs between unix and tcp) and runs one of three modes:
+
+stream   the classic chardev. The first peer connecting attaches the host (the guest gets
+         host PORT_OPEN(1)), the last one leaving detaches it. Guest bytes go to every peer,
+         peer bytes go to the guest's current session (`port.send_all(data, session)`: if
+         the session they were read in ends first, the port drops them, counted stale —
+         never delivered into a later one).
+session  one connection lives exactly one guest session. A peer waiting while the guest has
+         the port closed is attached (H=1); the guest's open binds the session to it; the
+         guest's close (any reason) closes the connection after the session's last bytes,
+         so the peer reads EOF exactly at the session boundary. The peer hanging up ends the
+         session from the host side (the guest reads EOF). One peer at a time (a peer still
+         finishing the previous session does not count). Bytes a peer sends before its
+         session opens are read ahead (up to peer_queue) and delivered when it opens.
+framed   like stream, but every byte is carried in frames that name the session, and the
+         session's open and close are frames too: see `framing` for the wire format.
+
+Flow control, both ways bounded (the token model of seeds/002):
+
+- guest → peers: each peer has its own queue of at most `peer_queue` bytes. With
+  `slow_peer = "block"`, `guest_data` refuses bytes (the guest's write blocks) while any
+  peer's queue cannot take them, and calls `port.resume_guest_data()` once they all can; with
+  `"drop-peer"` a peer whose queue stays full for SLOW_PEER_GRACE (0.5 s; the guest's write
+  is held meanwhile) is disconnected (counted) and the others go on.
+- peers → guest: bytes go through `port.send` and the reader waits for room, so while the
+  port's staging buffer is full the socket is not read and the peer is pushed back.
+
+Changes of H that follow from port callbacks (`session_opened` / `session_closed`) are not
+made inside the callback (the port is in the middle of a transition): they go through a
+small reconciler task that compares "do we have a live peer" with the port's H. In state E
+(the host ended the session — a framed CLOSE, the admin API, a session-mode hang-up — or the
+daemon is shutting down) H stays 0 so the guest sees its EOF: only a newly connecting peer
+starts the next session there; otherwise H comes back at the guest's next open.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol, Self, cast
+
+import trio
+
+from ..console.session import Reason, State
+from .base import Session
+from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
+from .options import ConfigurableBackend, Options
+
+log = logging.getLogger("vhostser.backends")
+
+Mode = Literal["stream", "session", "framed"]
+Role = Literal["server", "client"]
+SlowPeer = Literal["block", "drop-peer"]
+
+READ_CHUNK = 64 * 1024
+WRITE_CHUNK = 64 * 1024
+DEFAULT_PEER_QUEUE = 256 * 1024
+CLOSE_TIMEOUT = 5.0  # a peer closed at a session end gets this long to take its last bytes
+CONNECT_TIMEOUT = 10.0
+SLOW_PEER_GRACE = 0.5  # drop-peer: a peer whose queue stays full this long is dropped
+STABLE_AFTER = 1.0  # a client connection that lived this long resets the reconnect backoff
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+
+PEER_OPTION_KEYS = frozenset({"role", "mode", "max_peers", "slow_peer", "peer_queue"})
+
+
+def backoff_delays(lo: float = BACKOFF_MIN, hi: float = BACKOFF_MAX) -> Iterator[float]:
+    """0.1, 0.2, 0.4, ... doubling up to `hi`, then `hi` forever."""
+    delay = lo
+    while True:
+        yield delay
+        delay = min(delay * 2, hi)
+
+
+class Endpoint(Protocol):
+    """Where a backend's sockets come from: a listening socket or an outgoing connection."""
+
+    def describe(self) -> str: ...
+
+    async def listen(self) -> trio.socket.SocketType: ...
+
+    async def connect(self) -> trio.socket.SocketType: ...
+
+    def cleanup(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOptions:
+    role: Role = "server"
+    mode: Mode = "stream"
+    max_peers: int = 1
+    slow_peer: SlowPeer = "block"
+    peer_queue: int = DEFAULT_PEER_QUEUE
+
+    @classmethod
+    def read(cls, o: Options) -> Self:
+        role = cast(Role, o.choice("role", ("server", "client"), "server"))
+        mode = cast(Mode, o.choice("mode", ("stream", "session", "framed"), "stream"))
+        if role == "client":
+            o.not_with("max_peers", 'with role = "client" (a client has one connection)')
+            max_peers = 1
+        else:
+            max_peers = o.integer("max_peers", 1, lo=1, hi=1024)
+            if mode == "session" and max_peers != 1:
+                o.fail("max_peers", '1 with mode = "session" (one peer per session)', max_peers)
+        slow_peer = cast(SlowPeer, o.choice("slow_peer", ("block", "drop-peer"), "block"))
+        peer_queue = o.size("peer_queue", DEFAULT_PEER_QUEUE, lo=1, hi=64 << 20)
+        return cls(role, mode, max_peers, slow_peer, peer_queue)
+
+
+@dataclass
+class PeerCounters:
+    """Per-backend counters (the port's own counters are in `port.counters`)."""
+
+    peers_accepted: int = 0  # connections taken as peers (server)
+    peers_refused: int = 0  # connections over max_peers, closed at once
+    peers_dropped_slow: int = 0  # disconnected by slow_peer = "drop-peer"
+    peers_malformed: int = 0  # disconnected for a bad frame (framed mode)
+    listen_failures: int = 0  # the listening socket could not be made (retried)
+    connects: int = 0  # connections made (client)
+    connect_failures: int = 0
+    bytes_to_peers: int = 0  # guest bytes queued towards peers (each byte once)
+    bytes_from_peers: int = 0  # payload bytes read from peers
+    bytes_unsent: int = 0  # guest bytes taken when every peer had just been dropped
+    # Peer bytes for a session that is over: read from a peer closed at its session's end, or
+    # carried by stale DATA frames. (Bytes whose session ended while they waited for room in
+    # the port's staging buffer are the port's: port.counters.discarded["stale"].)
+    stale_bytes: int = 0
+    stale_frames: int = 0  # DATA/CLOSE frames naming a session that is not open
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Peer:
+    """One connection: a bounded queue towards it and the task that drains the queue."""
+
+    def __init__(self, sock: trio.socket.SocketType, label: str, limit: int) -> None:
+        self.stream = trio.SocketStream(sock)
+        self.label = label
+        self.limit = limit
+        self.out = bytearray()
+        self.scope = trio.CancelScope()
+        self.closing = False  # flush what is queued, then hang up (a session ended)
+        self.dropped: str | None = None  # why we cut it off
+        self.full_since: float | None = None  # drop-peer: when its queue first refused bytes
+        self.session: Session | None = None  # session mode: the session it lives
+        self.early = bytearray()  # session mode: bytes read before its session opened
+        self.wait_scope: trio.CancelScope | None = None  # interrupted on bind / close
+        self.decoder = FrameDecoder()
+        self._wake = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.label} queued={len(self.out)}>"
+
+    @property
+    def live(self) -> bool:
+        return not self.closing and self.dropped is None
+
+    def can_take(self, n: int) -> bool:
+        """Room for n more bytes (an empty queue takes any one chunk, however large)."""
+        return not self.out or len(self.out) + n <= self.limit
+
+    def push(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+        self._wake.set()
+
+    def interrupt_wait(self) -> None:
+        if self.wait_scope is not None:
+            self.wait_scope.cancel()
+
+    def close_after_flush(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
+        self._wake.set()
+        self.interrupt_wait()
+
+    def kill(self, why: str) -> None:
+        if self.dropped is None:
+            self.dropped = why
+        self.scope.cancel()
+
+    def close_socket(self) -> None:
+        self.stream.socket.close()
+
+    async def write_loop(self, on_drained: Callable[[], None]) -> None:
+        """Drain the queue into the socket; when closing, flush and send EOF, then return."""
+        while True:
+            if not self.out:
+                if self.closing:
+                    break
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            chunk = bytes(self.out[:WRITE_CHUNK])
+            await self.stream.send_all(chunk)
+            del self.out[: len(chunk)]
+            on_drained()
+        await self.stream.send_eof()
+
+
+_CONN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class PeerBackend(ConfigurableBackend):
+    """Peers on stream sockets in stream, session or framed mode (see the module doc)."""
+
+    def __init__(self, endpoint: Endpoint, options: PeerOptions | None = None) -> None:
+        self.endpoint = endpoint
+        self.opts = options or PeerOptions()
+        self.peers: list[Peer] = []
+        self.counters = PeerCounters()
+        self.address: Any = None  # the bound address once listening (tcp: (host, port))
+        self._blocked: int | None = None  # size of the guest write we refused, if any
+        self._poke = trio.Event()
+        self._serial = 0
+        self._nursery: trio.Nursery | None = None
+        self._timer: float | None = None  # when a pending _wake_at fires
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+        raise NotImplementedError  # unix.py / tcp.py build the endpoint
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.endpoint.describe()} {self.opts.mode}>"
+
+    @property
+    def _where(self) -> str:
+        port = getattr(self, "port", None)
+        prefix = f"port {port.id} {port.name!r}: " if port is not None else ""
+        return f"{prefix}{self.endpoint.describe()}"
+
+    def _live(self) -> list[Peer]:
+        return [p for p in self.peers if p.live]
+
+    # ------------------------------------------------------------------ port callbacks
+
+    def guest_data(self, data: bytes) -> bool:
+        session = self.port.session
+        targets = self._targets(session)
+        if not targets or session is None:
+            # A peer just left (the reconciler detaches us) or the session's peer is not
+            # bound yet: hold the write, offered again when a peer is there.
+            self._blocked = len(data)
+            return False
+        payload: bytes | bytearray = data
+        if self.opts.mode == "framed":
+            payload = b"".join(encode_data(session.id, data))
+        if self.opts.slow_peer == "block":
+            if not all(p.can_take(len(payload)) for p in targets):
+                self._blocked = len(payload)
+                return False
+            for p in targets:
+                p.push(payload)
+        else:
+            now = trio.current_time()
+            waiting: list[float] = []
+            for p in targets:
+                if p.can_take(len(payload)):
+                    p.full_since = None
+                    continue
+                if p.full_since is None:
+                    p.full_since = now
+                if now - p.full_since >= SLOW_PEER_GRACE:
+                    self._drop_slow(p)
+                else:
+                    waiting.append(p.full_since + SLOW_PEER_GRACE)
+            if waiting:
+                # Give a full peer a moment: the device hands over a whole ring of writes at
+                # once, which says nothing about whether a peer keeps up.
+                self._blocked = len(payload)
+                self._wake_at(min(waiting))
+                return False
+            took = 0
+            for p in targets:
+                if p.live:
+                    p.push(payload)
+                    took += 1
+            if not took:
+                self.counters.bytes_unsent += len(data)
+                return True
+        self.counters.bytes_to_peers += len(data)
+        return True
+
+    def session_opened(self, session: Session) -> None:
+        if self.opts.mode == "framed":
+            frame = encode(Open(session.id, session.port_name))
+            for p in self._live():
+                p.push(frame)
+        elif self.opts.mode == "session":
+            self._bind()
+        self._poke.set()
+
+    def session_closed(self, session: Session, reason: Reason) -> None:
+        self._blocked = None
+        if self.opts.mode == "framed":
+            frame = encode(Close(session.id, reason.value))
+            for p in self._live():
+                p.push(frame)
+        elif self.opts.mode == "session":
+            for p in self._live():
+                if p.session == session:
+                    log.info("%s: session %d closed (%s): closing peer %s",
+                             self._where, session.id, reason.value, p.label)
+                    p.close_after_flush()
+        self._poke.set()
+
+    # ------------------------------------------------------------------ H and flow control
+
+    def _targets(self, session: Session | None) -> list[Peer]:
+        live = self._live()
+        if self.opts.mode == "session":
+            return [p for p in live if session is not None and p.session == session]
+        return live
+
+    def _reconcile(self, new_peer: bool = False) -> None:
+        """Make H follow the peers: attached while there is a live peer. Except in state E
+        (the host ended the session, or the daemon is shutting down): the guest must see its
+        EOF, so only a newly arrived peer starts the next session there; otherwise H comes
+        back at the guest's next open."""
+        port = self.port
+        want = bool(self._live())
+        if want and not port.state.host_open:
+            if port.state is not State.E or new_peer:
+                port.host_attach()
+        elif not want and port.state.host_open:
+            port.host_detach()
+        self._bind()
+
+    def _bind(self) -> None:
+        """Session mode: give the open session to the waiting peer, if it has none."""
+        session = self.port.session
+        if self.opts.mode != "session" or session is None:
+            return
+        live = self._live()
+        if any(p.session == session for p in live):
+            return
+        for p in live:
+            if p.session is None:
+                p.session = session
+                log.info("%s: peer %s lives session %d", self._where, p.label, session.id)
+                p.interrupt_wait()
+                return
+
+    def _maybe_resume(self) -> None:
+        if self._blocked is None:
+            return
+        targets = self._targets(self.port.session)
+        if targets and all(p.can_take(self._blocked) for p in targets):
+            self._blocked = None
+            self.port.resume_guest_data()
+
+    def _wake_at(self, deadline: float) -> None:
+        """Offer the held guest write again at `deadline` (to drop a peer still full then)."""
+        if self._nursery is None or (self._timer is not None and self._timer <= deadline):
+            return
+        self._timer = deadline
+        self._nursery.start_soon(self._timer_task, deadline)
+
+    async def _timer_task(self, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        if self._timer == deadline:
+            self._timer = None
+        self.port.resume_guest_data()
+
+    def _drop_slow(self, peer: Peer) -> None:
+        self.counters.peers_dropped_slow += 1
+        log.warning("%s: peer %s too slow (%d bytes queued, peer_queue %d): disconnecting it",
+                    self._where, peer.label, len(peer.out), peer.limit)
+        peer.kill("too slow")
+
+    # ------------------------------------------------------------------ tasks
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen (server) or connect (client) until cancelled. `task_status.started()` gets
+        the bound address (server) or None (client) once the socket is there."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reconcile_loop)
+                if self.opts.role == "server":
+                    await self._serve(nursery, task_status)
+                else:
+                    task_status.started(None)
+                    await self._connect_loop()
+        finally:
+            self.endpoint.cleanup()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._poke.wait()
+            self._poke = trio.Event()
+            self._reconcile()
+            self._maybe_resume()
+
+    async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Any]) -> None:
+        delays = backoff_delays()
+        while True:
+            try:
+                listener = await self.endpoint.listen()
+                break
+            except OSError as e:
+                self.counters.listen_failures += 1
+                delay = next(delays)
+                log.error("%s: cannot listen: %s (retrying in %.1f s)", self._where, e, delay)
+                await trio.sleep(delay)
+        with listener:
+            self.address = listener.getsockname()
+            log.info("%s: listening (%s mode, up to %d peer(s))",
+                     self._where, self.opts.mode, self.opts.max_peers)
+            task_status.started(self.address)
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as e:  # EMFILE and friends: keep the listener
+                    log.error("%s: accept failed: %s", self._where, e)
+                    await trio.sleep(0.1)
+                    continue
+                if len(self._live()) >= self.opts.max_peers:
+                    self.counters.peers_refused += 1
+                    log.warning("%s: connection refused: max_peers %d reached",
+                                self._where, self.opts.max_peers)
+                    sock.close()
+                    continue
+                self.counters.peers_accepted += 1
+                nursery.start_soon(self._run_peer, self._arrive(sock))
+
+    async def _connect_loop(self) -> None:
+        delays = backoff_delays()
+        failing = False
+        while True:
+            sock: trio.socket.SocketType | None = None
+            try:
+                with trio.move_on_after(CONNECT_TIMEOUT):
+                    sock = await self.endpoint.connect()
+                if sock is None:
+                    raise TimeoutError(f"no answer in {CONNECT_TIMEOUT:.0f} s")
+            except OSError as e:
+                self.counters.connect_failures += 1
+                delay = next(delays)
+                level = logging.DEBUG if failing else logging.WARNING
+                log.log(level, "%s: connect failed: %s (retrying in %.1f s)", self._where, e, delay)
+                failing = True
+                await trio.sleep(delay)
+                continue
+            failing = False
+            self.counters.connects += 1
+            started = trio.current_time()
+            peer = self._arrive(sock)
+            await self._run_peer(peer)
+            if peer.closing or trio.current_time() - started >= STABLE_AFTER:
+                delays = backoff_delays()
+            await trio.sleep(next(delays))
+
+    def _arrive(self, sock: trio.socket.SocketType) -> Peer:
+        self._serial += 1
+        try:
+            name = sock.getpeername()
+        except OSError:
+            name = None
+        label = f"#{self._serial}" + (f" {name[0]}:{name[1]}" if isinstance(name, tuple) else "")
+        peer = Peer(sock, label, self.opts.peer_queue)
+        self.peers.append(peer)
+        log.info("%s: peer %s connected", self._where, label)
+        before = self.port.session
+        self._reconcile(new_peer=True)
+        session = self.port.session
+        if self.opts.mode == "framed" and session is not None and session == before:
+            peer.push(encode(Open(session.id, session.port_name)))  # else session_opened did
+        self._maybe_resume()
+        return peer
+
+    def _depart(self, peer: Peer) -> None:
+        self.peers.remove(peer)
+        why = peer.dropped or ("closed at its session's end" if peer.closing else "gone")
+        log.info("%s: peer %s disconnected (%s)", self._where, peer.label, why)
+        if trio.current_effective_deadline() == -math.inf:
+            return  # the backend itself is stopping (port removed, shutdown): leave H alone
+        session = self.port.session
+        if (
+            self.opts.mode == "session"
+            and not peer.closing
+            and session is not None
+            and peer.session == session
+        ):
+            # The peer hung up in the middle of its session: the host ends it.
+            self.port.end_session()
+        else:
+            self._reconcile()
+        self._maybe_resume()
+
+    async def _run_peer(self, peer: Peer) -> None:
+        try:
+            with peer.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_side, peer, nursery.cancel_scope)
+                    try:
+                        if self.opts.mode == "framed":
+                            await self._read_framed(peer)
+                        else:
+                            await self._read_bytes(peer)
+                    except _CONN_ERRORS as e:
+                        log.info("%s: peer %s: %s", self._where, peer.label, e)
+                    nursery.cancel_scope.cancel()
+        finally:
+            peer.close_socket()
+            self._depart(peer)
+
+    async def _write_side(self, peer: Peer, cancel: trio.CancelScope) -> None:
+        try:
+            await peer.write_loop(self._maybe_resume)
+        except _CONN_ERRORS as e:
+            log.info("%s: peer %s: %s", self._where, peer.label, e)
+            cancel.cancel()
+        # After a flush-and-EOF the reader goes on until the peer hangs up (or the deadline).
+
+    async def _receive(self, peer: Peer) -> bytes:
+        data = await peer.stream.receive_some(READ_CHUNK)
+        if peer.closing and data:
+            self.counters.stale_bytes += len(data)
+            log.info("%s: peer %s: %d bytes after its session ended dropped",
+                     self._where, peer.label, len(data))
+        return data
+
+    async def _read_bytes(self, peer: Peer) -> None:
+        """stream and session modes."""
+        session_mode = self.opts.mode == "session"
+        while True:
+            if peer.closing:
+                if not await self._receive(peer):
+                    return
+                continue
+            if session_mode and peer.session is None:
+                # Not bound to a session yet: read ahead a bounded amount, notice a hang-up.
+                with trio.CancelScope() as wait:
+                    peer.wait_scope = wait
+                    if len(peer.early) >= peer.limit:
+                        await trio.sleep_forever()
+                    data = await peer.stream.receive_some(READ_CHUNK)
+                peer.wait_scope = None
+                if wait.cancelled_caught:
+                    continue
+                if not data:
+                    return
+                self.counters.bytes_from_peers += len(data)
+                peer.early += data
+                continue
+            if peer.early:
+                early, peer.early = bytes(peer.early), bytearray()
+                await self.port.send_all(early, peer.session)
+                continue
+            data = await self._receive(peer)
+            if not data:
+                return
+            if peer.closing:
+                continue
+            self.counters.bytes_from_peers += len(data)
+            # Only ever into the session the bytes were read in (the port drops the rest of
+            # them, counted stale, if that session ends while we wait for room).
+            session = peer.session if session_mode else self.port.session
+            await self.port.send_all(data, session)
+
+    async def _read_framed(self, peer: Peer) -> None:
+        while True:
+            data = await self._receive(peer)
+            if not data:
+                if peer.decoder.buffered:
+                    log.info("%s: peer %s hung up in the middle of a frame", self._where,
+                             peer.label)
+                return
+            if peer.closing:
+                continue
+            try:
+                peer.decoder.feed(data)
+                for frame in peer.decoder:
+                    await self._peer_frame(peer, frame)
+            except FrameError as e:
+                self.counters.peers_malformed += 1
+                log.warning("%s: peer %s sent a malformed frame, disconnecting it: %s",
+                            self._where, peer.label, e)
+                peer.dropped = "malformed frame"
+                return
+
+    async def _peer_frame(self, peer: Peer, frame: Open | Data | Close) -> None:
+        current = self.port.session
+        if isinstance(frame, Data):
+            self.counters.bytes_from_peers += len(frame.data)
+            if current is None or current.id != frame.session:
+                self.counters.stale_frames += 1
+                self.counters.stale_bytes += len(frame.data)
+                log.info("%s: peer %s: DATA of %d bytes for session %d dropped (open: %s)",
+                         self._where, peer.label, len(frame.data), frame.session,
+                         current.id if current else "none")
+                return
+            await self.port.send_all(frame.data, current)
+        elif isinstance(frame, Close):
+            if current is None or current.id != frame.session:
+                self.counters.stale_frames += 1
+                log.info("%s: peer %s: CLOSE for session %d ignored (open: %s)",
+                         self._where, peer.label, frame.session,
+                         current.id if current else "none")
+                return
+            log.info("%s: peer %s ends session %d (%s)", self._where, peer.label,
+                     frame.session, frame.reason)
+            self.port.end_session()
+        else:  # the decoder refuses OPEN from peers; kept for exhaustiveness
+            raise FrameError("peers may not send OPEN")

@@ -1,0 +1,167 @@
+"""The `pty` backend: the port on a pseudo-terminal, for `screen`, `minicom`, `picocom`...
+
+    backend = { type = "pty", link = "/run/vhostser/web1.console" }
+
+Options: `link` (optional: a symlink to the slave device, e.g. /dev/pts/7, made at start,
+replacing an older symlink but nothing else, removed at exit), `queue` (bytes of guest
+output buffered towards the pty, default 64 KiB).
+
+Whether a process has the slave open cannot be told portably, so the pty counts as always
+attached (H=1 from the start). The backend holds the slave open itself (so the master never
+reports EIO or hang-up while nobody is connected) and puts it in raw mode: bytes pass
+unchanged both ways, no echo. The slave's path is logged and kept in `path`. While nobody
+reads the slave, guest output fills the tty's buffer and then `queue`, after which the
+guest's writes block (a console port drops instead: consoles never hold the guest).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import tty
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Self
+
+import trio
+
+from .options import ConfigurableBackend, Options
+
+log = logging.getLogger("vhostser.backends")
+
+READ_CHUNK = 4096
+DEFAULT_QUEUE = 64 * 1024
+
+
+@dataclass
+class PtyCounters:
+    bytes_to_pty: int = 0
+    bytes_from_pty: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def make_symlink(target: str, link: str) -> None:
+    """Point `link` at `target`, atomically, replacing a symlink but never another file."""
+    try:
+        if not stat.S_ISLNK(os.lstat(link).st_mode):
+            raise OSError(errno.EEXIST, f"{link} exists and is not a symlink")
+    except FileNotFoundError:
+        pass
+    tmp = f"{link}.{os.getpid()}.tmp"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def remove_symlink(target: str, link: str) -> None:
+    """Remove `link` if it still points at `target`."""
+    try:
+        if os.readlink(link) == target:
+            os.unlink(link)
+    except OSError:
+        pass
+
+
+class PtyBackend(ConfigurableBackend):
+    """The port on a pseudo-terminal (see the module doc)."""
+
+    def __init__(self, *, link: str | None = None, queue: int = DEFAULT_QUEUE) -> None:
+        self.link = link
+        self.limit = queue
+        self.path: str | None = None  # the slave device, once open
+        self.counters = PtyCounters()
+        self._master = -1
+        self._out = bytearray()
+        self._wake = trio.Event()
+        self._blocked: int | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+        o = Options(options, where, {"link", "queue"})
+        return cls(link=o.string("link"), queue=o.size("queue", DEFAULT_QUEUE, lo=1,
+                                                          hi=64 << 20))
+
+    def _label(self) -> str:
+        return f"port {self.port.id} {self.port.name!r}"
+
+    def guest_data(self, data: bytes) -> bool:
+        if self._master < 0 or (self._out and len(self._out) + len(data) > self.limit):
+            self._blocked = len(data)
+            return False
+        self._out += data
+        self.counters.bytes_to_pty += len(data)
+        self._wake.set()
+        return True
+
+    def _maybe_resume(self) -> None:
+        if self._blocked is not None and self._master >= 0 and (
+            not self._out or len(self._out) + self._blocked <= self.limit
+        ):
+            self._blocked = None
+            self.port.resume_guest_data()
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        master, slave = os.openpty()
+        try:
+            tty.setraw(slave)
+            os.set_blocking(master, False)
+            self.path = path = os.ttyname(slave)
+            self._master = master
+            if self.link:
+                try:
+                    make_symlink(path, self.link)
+                except OSError as e:
+                    log.error("%s: cannot link %s to %s: %s", self._label(), self.link, path, e)
+            log.info("%s: pty %s%s", self._label(), path,
+                     f" (link {self.link})" if self.link else "")
+            self.port.host_attach()
+            self._maybe_resume()
+            task_status.started(path)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop, master)
+                await self._read_loop(master)
+        finally:
+            self._master = -1
+            if self.link and self.path:
+                remove_symlink(self.path, self.link)
+            trio.lowlevel.notify_closing(master)
+            os.close(master)
+            os.close(slave)
+
+    async def _read_loop(self, master: int) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(master)
+            try:
+                data = os.read(master, READ_CHUNK)
+            except BlockingIOError:
+                continue
+            except OSError as e:  # EIO cannot happen while we hold the slave; be safe
+                log.warning("%s: reading the pty: %s", self._label(), e)
+                await trio.sleep(0.1)
+                continue
+            if not data:
+                await trio.sleep(0.1)
+                continue
+            self.counters.bytes_from_pty += len(data)
+            await self.port.send_all(data, self.port.session)
+
+    async def _write_loop(self, master: int) -> None:
+        while True:
+            if not self._out:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            await trio.lowlevel.wait_writable(master)
+            try:
+                n = os.write(master, self._out[:READ_CHUNK])
+            except BlockingIOError:
+                continue
+            del self._out[:n]
+            self._maybe_resume()

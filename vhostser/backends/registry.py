@@ -1,0 +1,71 @@
+"""Backend types by name, as the config file spells them: `backend = { type = "unix", ... }`.
+
+`BACKENDS[type].from_options(options, where)` validates the options (without `type`) and
+returns an unstarted backend; it raises `OptionError` naming `where.key` and what was
+expected. It opens no files and makes no sockets: `run()` does.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, Self
+
+from .console_log import ConsoleBackend
+from .file import FileBackend
+from .options import ConfigurableBackend, OptionError, Options
+from .pty import PtyBackend
+from .simple import EchoBackend, NullBackend, SinkBackend
+from .tcp import TcpBackend
+from .unix import UnixBackend
+
+__all__ = ["BACKENDS", "ConfigurableBackend", "OptionError", "create"]
+
+
+class _NoOptions(ConfigurableBackend):
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+        Options(options, where, ())
+        return cls()
+
+
+class Null(_NoOptions, NullBackend):
+    """`null`: takes every guest byte and drops it; never attaches a host peer."""
+
+
+class Echo(_NoOptions, EchoBackend):
+    """`echo`: sends every guest byte back, in the same session."""
+
+
+def write_stdout(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+class Stdout(_NoOptions, SinkBackend):
+    """`stdout`: guest bytes printed on the daemon's stdout (the embedded default console)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_stdout)
+
+
+BACKENDS: dict[str, type[ConfigurableBackend]] = {
+    "null": Null,
+    "echo": Echo,
+    "stdout": Stdout,
+    "unix": UnixBackend,
+    "tcp": TcpBackend,
+    "pty": PtyBackend,
+    "file": FileBackend,
+    "console": ConsoleBackend,
+}
+
+
+def create(type_name: str, options: Mapping[str, Any], where: str) -> ConfigurableBackend:
+    """The backend `type_name` built from `options` (OptionError if either is wrong)."""
+    cls = BACKENDS.get(type_name)
+    if cls is None:
+        raise OptionError(
+            f"{where}.type: expected one of {', '.join(sorted(BACKENDS))}, got {type_name!r}"
+        )
+    return cls.from_options(options, where)

@@ -26,6 +26,7 @@ from .device import Device
 from .errors import FramingError, MessageError, UnknownRequestError
 from .messages import (
     F_PROTOCOL_FEATURES,
+    FLAG_NEED_REPLY,
     REQUESTS,
     BackendRequest,
     ConfigSpace,
@@ -214,7 +215,9 @@ class Backend:
     def config_change_message(self) -> bytes:
         """CONFIG_CHANGE_MSG for the back-end channel (NEED_REPLY when acks are on)."""
         # No payload (vhost-user spec); the ack, when asked for, is the usual u64.
-        return encode(BackendRequest.CONFIG_CHANGE_MSG, flags=0x8 if self._reply_ack else 0)
+        return encode(
+            BackendRequest.CONFIG_CHANGE_MSG, flags=FLAG_NEED_REPLY if self._reply_ack else 0
+        )
 
     def disconnected(self) -> None:
         """The front end went away: stop every ring and drop what belonged to its connection.

@@ -100,7 +100,9 @@ def prometheus(daemon: Daemon) -> str:
     vm = daemon.cfg.name
     out: list[str] = []
 
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, object], float]]) -> None:
+    def metric(
+        name: str, kind: str, help_: str, samples: list[tuple[dict[str, object], float]]
+    ) -> None:
         out.append(f"# HELP vhostser_{name} {help_}")
         out.append(f"# TYPE vhostser_{name} {kind}")
         out.extend(f"vhostser_{name}{_labels(vm=vm, **lab)} {val}" for lab, val in samples)

@@ -62,7 +62,9 @@ def _human(cmd: str, result: Any) -> str:
     if cmd == "ports":
         return _table(result, ["id", "name", "console", "backend", "state", "session"])
     if cmd == "sessions":
-        return _table(result, ["port", "name", "session", "state"]) if result else "no open sessions"
+        if not result:
+            return "no open sessions"
+        return _table(result, ["port", "name", "session", "state"])
     if cmd == "stats":
         rows = []
         for pid, c in result["ports"].items():

@@ -281,8 +281,10 @@ async def run_daemon(
     else:
         listener = await listen_unix(cfg.socket, 0o660)
         own_socket = True
-    admin_fd = (activated.get("admin") or [None])[0]
-    with listener, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    admin_fds = activated.get("admin")
+    admin_fd = admin_fds[0] if admin_fds else None
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with listener, trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
             daemon = Daemon(cfg, nursery)
             await nursery.start(daemon.serve, listener)

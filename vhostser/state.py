@@ -40,7 +40,8 @@ class VMState:
     def from_json(cls, text: str) -> VMState:
         doc = json.loads(text)
         if not isinstance(doc, dict) or doc.get("version") != VERSION:
-            raise ValueError(f"unknown state file version {doc.get('version') if isinstance(doc, dict) else doc!r}")
+            found = doc.get("version") if isinstance(doc, dict) else doc
+            raise ValueError(f"unknown state file version {found!r}")
         ports: dict[int, PortState] = {}
         table = doc.get("ports", {})
         if not isinstance(table, dict):

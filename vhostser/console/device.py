@@ -108,7 +108,9 @@ class ConsoleDevice:
 
     # ================================================================== ports (Python API)
 
-    def add_port(self, config: PortConfig, backend: PortBackend, *, first_session_id: int = 1) -> Port:
+    def add_port(
+        self, config: PortConfig, backend: PortBackend, *, first_session_id: int = 1
+    ) -> Port:
         """Create a port (hotplug if the guest driver is up: DEVICE_ADD)."""
         if not 0 <= config.id < self.max_ports:
             raise ValueError(f"port id {config.id} not in 0..{self.max_ports - 1}")

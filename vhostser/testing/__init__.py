@@ -1,6 +1,7 @@
 """QEMU and Linux in a box: a vhost-user front end (and, later, guest drivers) in Python, for
 tests and benchmarks. It uses the real mechanisms (memfd guest RAM, eventfds, SCM_RIGHTS)."""
 
+from .console_driver import ConsoleDriver as ConsoleDriver
 from .frontend import (
     DEFAULT_MEM_SIZE,
     IMPLEMENTED_PROTOCOL_FEATURES,

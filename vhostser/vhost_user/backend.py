@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from virtqueue import MAX_QUEUE_SIZE, GuestMemoryError, MappedMemory, VirtqueueError
 
 from .device import Device
-from .errors import FramingError, MessageError, UnknownRequestError
+from .errors import MessageError, UnknownRequestError
 from .messages import (
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     REQUESTS,
+    U64,
     BackendRequest,
     ConfigSpace,
     Header,
@@ -37,7 +38,6 @@ from .messages import (
     ProtocolFeature,
     Request,
     SingleMemoryRegion,
-    U64,
     VringAddr,
     VringFile,
     VringState,

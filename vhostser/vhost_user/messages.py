@@ -135,7 +135,9 @@ class Header:
     def unpack(cls, data: bytes | memoryview) -> Header:
         request, flags, size = HEADER.unpack(data)
         if flags & FLAG_VERSION_MASK != FLAG_VERSION:
-            raise FramingError(f"header of request {request}: version bits 0x{flags & 3:x}, want 0x1")
+            raise FramingError(
+                f"header of {request_name(request)}: version bits 0x{flags & 3:x}, want 0x1"
+            )
         if size > MAX_PAYLOAD_SIZE:
             raise FramingError(
                 f"header of {request_name(request)}: payload size {size} > {MAX_PAYLOAD_SIZE}"
@@ -338,7 +340,9 @@ class ConfigSpace(Payload):
         if size > MAX_CONFIG_SIZE or offset > MAX_CONFIG_SIZE - size:
             raise MessageError(f"config range offset {offset} size {size} exceeds 256 bytes")
         if len(body) != 12 + size:
-            raise MessageError(f"config body is {len(body)} bytes for size {size}, want {12 + size}")
+            raise MessageError(
+                f"config body is {len(body)} bytes for size {size}, want {12 + size}"
+            )
         return cls(offset, size, flags, bytes(body[12:]))
 
     def pack(self) -> bytes:

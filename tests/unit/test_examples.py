@@ -1,0 +1,49 @@
+"""Every example config passes `vhostser check`, and its QEMU/libvirt snippets match it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vhostser.config import load
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CONFIGS = sorted(EXAMPLES.glob("*.toml"))
+
+
+def test_there_are_examples() -> None:
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_vhostser_check_accepts(path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "vhostser", "check", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{path}: ok")
+
+
+def test_check_rejects_a_broken_copy(tmp_path: Path) -> None:
+    broken = tmp_path / "web1.toml"
+    broken.write_text((EXAMPLES / "web1.toml").read_text().replace('mode = "session"',
+                                                                    'mode = "sesion"'))
+    r = subprocess.run([sys.executable, "-m", "vhostser", "check", str(broken)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"{broken}: port[1].backend.mode: expected one of" in r.stderr
+    assert "'sesion'" in r.stderr
+
+
+@pytest.mark.parametrize("snippet", ["web1.qemu.sh", "web1.libvirt.xml"])
+def test_qemu_snippets_match_the_config(snippet: str) -> None:
+    cfg = load(EXAMPLES / "web1.toml")
+    text = (EXAMPLES / snippet).read_text()
+    assert f"path={cfg.socket}" in text
+    (num_vqs,) = re.findall(r"num_vqs=(\d+)", text)
+    assert int(num_vqs) == 2 * cfg.max_ports + 2
+    assert "config_size=12" in text and "virtio-id=3" in text
+    assert "share=on" in text or "<access mode='shared'/>" in text

@@ -74,10 +74,11 @@ class Daemon:
     """`vhostser run` as a child process, the way a user starts it: with the embedded default
     config (socket overridden), or with `config` (a TOML text; {tmp} → the test's dir)."""
 
-    def __init__(self, tmp: Path, config: str | None = None, *args: str) -> None:
+    def __init__(self, tmp: Path, config: str | None = None, *args: str,
+                 socket: str | None = None, admin: str | None = None) -> None:
         self.tmp = tmp
-        self.socket = str(tmp / "vu.sock")
-        self.admin = str(tmp / "ctl.sock")
+        self.socket = socket or str(tmp / "vu.sock")
+        self.admin = admin or str(tmp / "ctl.sock")
         self.stdout_path = tmp / "daemon.stdout"
         self.stderr_path = tmp / "daemon.stderr"
         cmd = [sys.executable, "-m", "vhostser", "run", "--log-level", "debug", *args]
@@ -126,6 +127,12 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+@pytest.fixture
+def daemon_class() -> type[Daemon]:
+    """For tests that start daemons of their own (import-mode independent)."""
+    return Daemon
 
 
 @pytest.fixture

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import virtqueue.split as split_module
 from virtqueue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -29,9 +30,9 @@ from virtqueue import (
     RingError,
     SplitQueue,
     ring_layout,
-    split,
 )
 from virtqueue._native import _common, _pywalk
+from virtqueue._native._common import Segment
 
 try:
     from virtqueue._native import _cwalk
@@ -52,13 +53,15 @@ def walker(request: pytest.FixtureRequest) -> Iterator[str]:
         pytest.skip("C helper not built")
     step = mod.step
 
-    def walk_chain(table: memoryview, head: int, view: object, *, indirect: bool) -> object:
-        return _common.walk_chain(step, table, head, view, indirect)  # type: ignore[arg-type]
+    def walk_chain(
+        table: memoryview, head: int, view: Callable[[int, int], memoryview], *, indirect: bool
+    ) -> list[Segment]:
+        return _common.walk_chain(step, table, head, view, indirect)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(split, "walk_chain", walk_chain)
+        mp.setattr(split_module, "walk_chain", walk_chain)
         for name in ("fence_acquire", "fence_release", "fence_full"):
-            mp.setattr(split, name, getattr(mod, name))
+            mp.setattr(split_module, name, getattr(mod, name))
         yield request.param
 
 
@@ -213,6 +216,11 @@ def test_push_rejects_bad_elements() -> None:
         with pytest.raises(ValueError, match="bad used element"):
             r.dev.push(head, written)
     assert r.dev.next_used == 0
+    heads = [r.drv.add([(r.alloc(1), 1)]) for _ in range(2)]
+    with pytest.raises(ValueError, match="bad used element"):
+        r.dev.push_many([(heads[0], 1), (9, 0), (heads[1], 0)])
+    assert r.drv.get_used() == (heads[0], 1)  # what came before the bad one is returned
+    assert r.drv.get_used() is None
 
 
 def test_full_ring_is_not_an_error() -> None:
@@ -469,11 +477,16 @@ def test_notifications_without_event_idx() -> None:
 
     r.dev.push(head, 0)
     assert r.dev.should_notify() is True
+    assert r.dev.should_notify() is False  # nothing pushed since
+    assert r.drv.get_used() == (head, 0)
     r.drv.disable_interrupts()
     assert u16(r, r.addrs[1]) == VIRTQ_AVAIL_F_NO_INTERRUPT
-    assert r.dev.should_notify() is False
-    r.drv.enable_interrupts()
-    assert r.dev.should_notify() is True
+    for interrupts in (False, True):
+        head = r.drv.add([(r.alloc(1), 1)])
+        assert r.dev.pop() is not None
+        r.dev.push(head, 0)
+        assert r.dev.should_notify() is interrupts
+        assert r.drv.enable_interrupts() is True
 
 
 def test_notifications_with_event_idx() -> None:

@@ -63,8 +63,8 @@ class SinkBackend(PortBackend):
 
 
 class RecordingBackend(PortBackend):
-    """Keeps what happens, for tests and the admin API's examples: events and bytes per
-    session. `accept` may be switched off to exercise backpressure."""
+    """Keeps what happens, for tests: events, and bytes per session id (0: bytes a console
+    port delivered outside any session). `accept` may be switched off for backpressure."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int, str]] = []
@@ -75,8 +75,7 @@ class RecordingBackend(PortBackend):
         if not self.accept:
             return False
         session = self.port.session
-        assert session is not None
-        self.data.setdefault(session.id, bytearray()).extend(data)
+        self.data.setdefault(session.id if session else 0, bytearray()).extend(data)
         return True
 
     def session_opened(self, session: Session) -> None:

@@ -100,6 +100,8 @@ class ConsoleDevice:
         self.status = 0
         self.driver_ready = False  # the guest sent DEVICE_READY(1) since the last reset
         self._control_out: deque[ControlMessage] = deque()
+        # Ports whose DEVICE_ADD the guest has received (since the last driver init).
+        self._announced: set[int] = set()
         self._runners: dict[int, tuple[trio.CancelScope, VringRunner]] = {}
         self._pending_tx: dict[int, tuple[Chain, bytes]] = {}
         self.on_broken: Callable[[Vring | None, str], None] = lambda vring, reason: None
@@ -155,7 +157,11 @@ class ConsoleDevice:
         if pending is not None:
             self._complete_pending(port_id, pending[0], len(pending[1]), "port-removed")
         self._backend_scopes.pop(port_id).cancel()
-        if self.driver_ready and self.multiport and port.guest_ready:
+        # Messages for the port not yet delivered must not reach the guest after it is gone;
+        # a DEVICE_ADD the guest already has is undone with DEVICE_REMOVE.
+        self._control_out = deque(m for m in self._control_out if m.id != port_id)
+        if port_id in self._announced:
+            self._announced.discard(port_id)
             self._queue_control(control.device_remove(port_id))
         log.info("port %d %r removed", port_id, port.name)
 
@@ -213,10 +219,12 @@ class ConsoleDevice:
         # Emergency write: one character, usable before the queues exist (virtio §5.3.6).
         char = bytes([data[0]])
         port = self.ports.get(0)
-        if port is None or not port.backend.guest_data(char):
+        if port is None:
             self.counters.bytes_on_missing_ports += 1
-        else:
-            port.counters.bytes_from_guest += 1
+            log.warning("emergency write of 0x%02x with no port 0: dropped", data[0])
+        elif not port.guest_bytes(char):
+            # Nothing may wait here (there is no chain to hold): what cannot be taken is lost.
+            port.counters.discarded["no-host"] += 1
 
     def features_acked(self, features: int) -> None:
         self.acked_features = features
@@ -266,6 +274,7 @@ class ConsoleDevice:
     def _reset_sessions(self) -> None:
         self.driver_ready = False
         self._control_out.clear()
+        self._announced.clear()
         self._pending_tx.clear()
         for port in self.ports.values():
             port.apply(Input.RESET)
@@ -318,7 +327,9 @@ class ConsoleDevice:
                             vring.index, chain.writable_len, len(data))
                 queue.push(chain.head, 0)
                 continue
-            self._control_out.popleft()
+            msg = self._control_out.popleft()
+            if msg.event is Event.DEVICE_ADD:
+                self._announced.add(msg.id)
             queue.push(chain.head, chain.write(data))
             self.counters.control_to_guest += 1
         return False
@@ -424,7 +435,7 @@ class ConsoleDevice:
                 pending = (chain, chain.read())
             chain, data = pending
             if port is None:
-                self.counters.bytes_on_missing_ports += len(data)
+                self._count_missing(port_id, vring, len(data))
                 queue.push(chain.head, 0)
                 continue
             if not port.guest_bytes(data):
@@ -443,7 +454,21 @@ class ConsoleDevice:
         pending = self._pending_tx.pop(port.id, None)
         if pending is not None:
             self._complete_pending(port.id, pending[0], len(pending[1]), "stale")
-        if vring.queue is not None and vring.queue.should_notify():
+        # Chains still in the ring were written in the closing session and could not be taken
+        # (a slow or absent host peer): they must never reach the next session. Linux's close
+        # waits for the device to consume PORT_OPEN(0), so nothing of a later open is there.
+        queue = vring.queue
+        if queue is None:
+            return
+        dropped = 0
+        while (chain := pop_chain(vring, queue)) is not None:
+            dropped += chain.readable_len
+            queue.push(chain.head, 0)
+        if dropped:
+            port.counters.discarded["stale"] += dropped
+            log.info("port %d: %d unsent guest bytes of the closed session dropped (stale)",
+                     port.id, dropped)
+        if queue.should_notify():
             vring.notify()
 
     def _complete_pending(self, port_id: int, chain: Chain, nbytes: int, reason: str) -> None:
@@ -459,6 +484,16 @@ class ConsoleDevice:
             queue.push(chain.head, 0)
             if queue.should_notify():
                 entry[1].vring.notify()
+
+    def _count_missing(self, port_id: int, vring: Vring, nbytes: int) -> None:
+        """Guest bytes on the queue of a port that does not exist (removed, never added)."""
+        before = self.counters.bytes_on_missing_ports
+        self.counters.bytes_on_missing_ports += nbytes
+        # A log line for the first bytes and then one per MiB, not one per chain.
+        if before == 0 or before >> 20 != self.counters.bytes_on_missing_ports >> 20:
+            log.warning("vring %d: guest bytes for port %d, which does not exist, dropped "
+                        "(%d bytes so far)", vring.index, port_id,
+                        self.counters.bytes_on_missing_ports)
 
     def _count_bad_chain(self, kind: str) -> None:
         self.counters.bad_chains[kind] = self.counters.bad_chains.get(kind, 0) + 1

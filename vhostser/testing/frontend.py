@@ -667,6 +667,15 @@ class FrontEnd:
         except BaseException:
             os.close(fd)
             raise
+        if vq.call_fd is not None:
+            # An interrupt the back end raised on the old eventfd before it switched must not
+            # be lost: QEMU moves a pending notification over when it swaps notifiers.
+            try:
+                pending = os.eventfd_read(vq.call_fd)
+            except BlockingIOError:
+                pending = 0
+            if pending:
+                os.eventfd_write(fd, pending)
         _close_fd(vq.call_fd)
         vq.call_fd = fd
 

@@ -133,7 +133,13 @@ class Backend:
             log.debug("%s flags=0x%x %s fds=%d", name, msg.flags, msg.payload, len(msg.fds))
             # A handler owns the fds once it returns; if it raises, it has kept none of them.
             result = self._handlers[msg.request](msg)
-        except MessageError as e:
+        except Exception as e:
+            if not isinstance(e, MessageError):
+                # A bug in the device or in here: it must not take the daemon down. The
+                # device's state is now unknown, so ask the driver for a reset.
+                log.exception("%s: failed inside the back end", name)
+                self.mark_needs_reset(None, f"{name} failed: {e!r}")
+                e = MessageError(f"internal error: {e!r}")
             for fd in fds:
                 _close(fd)
             expects_answer = not isinstance(e, UnknownRequestError) and (

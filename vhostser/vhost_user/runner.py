@@ -62,6 +62,9 @@ class VringRunner:
         self.queue = vring.queue
         self._service = service
         self._on_broken = on_broken
+        # Dup'd now, synchronously: by the time run() starts, the protocol core may already
+        # have closed vring.kick_fd and its number may belong to another file.
+        self._kick = os.dup(vring.kick_fd)
         self._wake = trio.Event()
 
     def poke(self) -> None:
@@ -69,14 +72,19 @@ class VringRunner:
         self._wake.set()
 
     async def run(self) -> None:
-        kick = os.dup(self.vring.kick_fd)  # type: ignore[arg-type]
+        """Serve until cancelled (or the ring breaks); must be called once, as it owns the
+        kick fd dup."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_kicks, kick)
+                nursery.start_soon(self._watch_kicks, self._kick)
                 await self._serve()
                 nursery.cancel_scope.cancel()
         finally:
-            os.close(kick)
+            # Through trio, so its epoll registration goes too: trio only disarms an fd whose
+            # waiter left, and a stale kernel entry could outlive the close (the eventfd stays
+            # open in the front end) and confuse a later fd with the same number.
+            trio.lowlevel.notify_closing(self._kick)
+            os.close(self._kick)
 
     async def _watch_kicks(self, kick: int) -> None:
         while True:

@@ -312,6 +312,7 @@ async def run_daemon(
             # must know which sessions are still open in the guest.
             daemon.save_state()
             daemon.device.close_all(Input.SHUTDOWN)
+            await daemon.device.drain_backends()
             nursery.cancel_scope.cancel()
         daemon.backend.disconnected()
     if own_socket:

@@ -295,6 +295,12 @@ class PortSessions(RuleBasedStateMachine):
 
     def feed(self, inp: Input) -> None:
         port = self.port
+        if port.removed:
+            # A removed port is inert: a backend winding down changes nothing any more.
+            before = (port.state, port.session, len(self.sent), len(self.backend.events))
+            port.apply(inp)
+            assert (port.state, port.session, len(self.sent), len(self.backend.events)) == before
+            return
         old, old_session = port.state, port.session
         old_ready = port.guest_ready
         n_sent, n_events = len(self.sent), len(self.backend.events)

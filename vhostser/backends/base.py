@@ -53,5 +53,10 @@ class PortBackend:
         """The port's session state moved (e.g. E→B: the guest closed a port whose session
         the host had ended, so a peer may attach again). Called after the effects ran."""
 
+    async def drain(self) -> None:
+        """Return once what this backend has queued for its peers went out (the last frames
+        of a session that just closed). The port is being removed or the daemon stops; the
+        caller bounds the wait and cancels `run` afterwards."""
+
     async def run(self) -> None:
         """Long-running work (listening for peers...), cancelled when the port goes away."""

@@ -378,6 +378,10 @@ class PeerBackend(ConfigurableBackend):
 
     # ------------------------------------------------------------------ tasks
 
+    async def drain(self) -> None:
+        while any(peer.out for peer in self._live()):
+            await trio.sleep(0.01)
+
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen (server) or connect (client) until cancelled. `task_status.started()` gets
         the bound address (server) or None (client) once the socket is there."""

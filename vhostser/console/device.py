@@ -42,6 +42,8 @@ CONTROL_RX, CONTROL_TX = 2, 3
 # Outgoing control messages wait here while the guest has no control buffer posted. 31 ports
 # need at most ~4 messages each per (re)announcement; the bound only catches a runaway.
 MAX_PENDING_CONTROL = 1024
+# How long a backend may take to flush its peers when its port goes away or the daemon stops.
+BACKEND_DRAIN_GRACE = 1.0
 
 
 def rx_queue(port_id: int) -> int:
@@ -156,7 +158,8 @@ class ConsoleDevice:
         pending = self._pending_tx.pop(port_id, None)
         if pending is not None:
             self._complete_pending(port_id, pending[0], len(pending[1]), "port-removed")
-        self._backend_scopes.pop(port_id).cancel()
+        self._nursery.start_soon(self._retire_backend, port.backend,
+                                 self._backend_scopes.pop(port_id))
         # Messages for the port not yet delivered must not reach the guest after it is gone;
         # a DEVICE_ADD the guest already has is undone with DEVICE_REMOVE.
         self._control_out = deque(m for m in self._control_out if m.id != port_id)
@@ -176,6 +179,19 @@ class ConsoleDevice:
         if port_id == 0:
             self.cols, self.rows = cols, rows
             self.on_config_change()
+
+    async def _retire_backend(self, backend: PortBackend, scope: trio.CancelScope) -> None:
+        """Let a removed port's backend send what it queued (the CLOSE frame of the session
+        that just ended), then stop it."""
+        with trio.move_on_after(BACKEND_DRAIN_GRACE):
+            await backend.drain()
+        scope.cancel()
+
+    async def drain_backends(self) -> None:
+        """At shutdown, after close_all: give every backend a moment to send what it queued."""
+        with trio.move_on_after(BACKEND_DRAIN_GRACE):
+            for port in list(self.ports.values()):
+                await port.backend.drain()
 
     def close_all(self, reason: Input) -> None:
         """Close every open session (FRONTEND_GONE, SHUTDOWN)."""

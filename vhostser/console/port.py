@@ -76,6 +76,7 @@ class Port:
         self._send_control = send_control
         self.state = State.B
         self.guest_ready = False  # the guest answered DEVICE_ADD with PORT_READY(1)
+        self.removed = False
         self.session: Session | None = None
         self.next_session_id = first_session_id
         self.counters = PortCounters()
@@ -102,6 +103,11 @@ class Port:
 
     def apply(self, event: Input) -> None:
         """Feed one input to the session state machine and carry out its effects."""
+        if self.removed:
+            # The port is gone from the device and the guest: a backend still winding down
+            # (attaching a peer, ending a session) changes nothing any more.
+            log.debug("port %d: %s after removal ignored", self.id, event.value)
+            return
         step = transition(self.state, event)
         old = self.state
         self.state = step.state
@@ -118,6 +124,8 @@ class Port:
             elif effect is Effect.REDUNDANT:
                 self.counters.redundant_events += 1
                 log.debug("port %d: %s in state %s changes nothing", self.id, event.value, old.name)
+        if event is Input.REMOVE:
+            self.removed = True
         if event is Input.RESET:
             self.counters.resets_seen += 1
             self.guest_ready = False

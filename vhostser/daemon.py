@@ -66,7 +66,7 @@ class Daemon:
         self.started = time.time()
         self.device = ConsoleDevice(
             nursery, max_ports=cfg.max_ports, cols=cfg.cols, rows=cfg.rows,
-            resize_rows_first=cfg.resize_rows_first,
+            resize_rows_first=cfg.resize_rows_first, vm_name=cfg.name,
         )
         self.backend = Backend(self.device)
         self.device.on_broken = self.backend.mark_needs_reset

@@ -88,11 +88,13 @@ class ConsoleDevice:
         cols: int = 80,
         rows: int = 25,
         resize_rows_first: bool = False,
+        vm_name: str = "",
     ) -> None:
         if not 1 <= max_ports <= 31:
             raise ValueError(f"max_ports {max_ports} not in 1..31")
         self._nursery = nursery
         self.max_ports = max_ports
+        self.vm_name = vm_name
         self.cols, self.rows = cols, rows
         self.resize_rows_first = resize_rows_first
         self.ports: dict[int, Port] = {}
@@ -122,7 +124,8 @@ class ConsoleDevice:
             raise ValueError(f"port {config.id} exists")
         if config.name and any(p.name == config.name for p in self.ports.values()):
             raise ValueError(f"a port is already named {config.name!r}")
-        port = Port(config, backend, self._queue_control, first_session_id=first_session_id)
+        port = Port(config, backend, self._queue_control, first_session_id=first_session_id,
+                    vm=self.vm_name)
         port.poke_rx = lambda: self._poke(rx_queue(config.id))
         port.poke_tx = lambda: self._poke(tx_queue(config.id))
         self.ports[config.id] = port

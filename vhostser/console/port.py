@@ -70,8 +70,12 @@ class Port:
         send_control: Callable[[control.ControlMessage], None],
         *,
         first_session_id: int = 1,
+        vm: str = "",
     ) -> None:
         self.config = config
+        # Session event lines name the VM: journald gathers many VMs' daemons in one place.
+        self._who = f"vm {vm} port {config.id} {config.name!r}" if vm else (
+            f"port {config.id} {config.name!r}")
         self.backend = backend
         self._send_control = send_control
         self.state = State.B
@@ -140,7 +144,7 @@ class Port:
         self.session = Session(self.id, self.name, self.next_session_id)
         self.next_session_id += 1
         self.counters.sessions_opened += 1
-        log.info("port %d %r: session %d open", self.id, self.name, self.session.id)
+        log.info("%s: session %d open", self._who, self.session.id)
         self.backend.session_opened(self.session)
 
     def restore_session(self, session_id: int) -> None:
@@ -151,8 +155,7 @@ class Port:
         self.state = State.D
         self.session = Session(self.id, self.name, session_id)
         self.next_session_id = max(self.next_session_id, session_id + 1)
-        log.info("port %d %r: session %d restored (guest had it open)", self.id, self.name,
-                 session_id)
+        log.info("%s: session %d restored (guest had it open)", self._who, session_id)
         self.backend.session_opened(self.session)
 
     def _close_session(self, reason: Reason) -> None:
@@ -160,7 +163,7 @@ class Port:
         assert session is not None
         self.session = None
         self._discard_staging("stale")
-        log.info("port %d %r: session %d closed: %s", self.id, self.name, session.id, reason.value)
+        log.info("%s: session %d closed: %s", self._who, session.id, reason.value)
         self.backend.session_closed(session, reason)
 
     def _tell_guest(self, is_open: bool) -> None:

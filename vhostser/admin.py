@@ -189,6 +189,54 @@ async def serve_admin(
                 nursery.start_soon(_handle, daemon, conn)
 
 
+async def serve_metrics(
+    daemon: Daemon,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A minimal HTTP listener for Prometheus: GET /metrics, nothing else."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = trio.socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with listener:
+        await listener.bind((host, port))
+        listener.listen(16)
+        address = listener.getsockname()[:2]
+        log.info("metrics on http://%s:%d/metrics", *address)
+        task_status.started(address)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(_serve_http, daemon, conn)
+
+
+async def _serve_http(daemon: Daemon, conn: trio.socket.SocketType) -> None:
+    with conn, trio.move_on_after(10):
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 8192:
+            try:
+                chunk = await conn.recv(4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            head += chunk
+        line = head.split(b"\r\n", 1)[0].split()
+        if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+            status, ctype, body = "200 OK", "text/plain; version=0.0.4", prometheus(daemon)
+        else:
+            status, ctype, body = "404 Not Found", "text/plain", "only GET /metrics here\n"
+        payload = body.encode()
+        response = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            await conn.send(response + payload)
+        except OSError:
+            pass
+
+
 def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Blocking client for `vhostser ctl`."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -7,6 +7,7 @@ what was expected. Unknown keys are errors: a typo must never be silently ignore
     max_ports = 4                          # 1..31; QEMU's num_vqs = 2 * max_ports + 2
     state_dir = "/var/lib/vhostser/web1"   # session ids and open state survive restarts
     admin_socket = "/run/vhostser/web1.ctl"
+    metrics_listen = "127.0.0.1:9464"      # optional: Prometheus scrapes GET /metrics here
     frontend_grace = 30.0                  # seconds QEMU may stay away before sessions close
     cols = 80                              # console size in the config space
     rows = 25
@@ -56,6 +57,7 @@ class VMConfig:
     max_ports: int = 4
     state_dir: str | None = None
     admin_socket: str | None = None
+    metrics_listen: tuple[str, int] | None = None
     frontend_grace: float = 30.0
     cols: int = 80
     rows: int = 25
@@ -84,7 +86,8 @@ backend = { type = "echo" }
 """
 
 _VM_KEYS = {
-    "name", "socket", "max_ports", "state_dir", "admin_socket", "frontend_grace",
+    "name", "socket", "max_ports", "state_dir", "admin_socket", "metrics_listen",
+    "frontend_grace",
     "cols", "rows", "resize_order",
 }
 _PORT_KEYS = {"id", "name", "console", "guest_writes_without_host", "staging", "backend"}
@@ -142,6 +145,13 @@ def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
     if not grace >= 0 or grace == float("inf"):  # also NaN
         vm.fail("frontend_grace", "a number of seconds ≥ 0", grace)
     order = vm.choice("resize_order", ("cols-rows", "rows-cols"), "cols-rows")
+    metrics = vm.get("metrics_listen", str)
+    metrics_listen = None
+    if metrics is not None:
+        host, sep, port_text = metrics.rpartition(":")
+        if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+            vm.fail("metrics_listen", '"HOST:PORT", e.g. "127.0.0.1:9464"', metrics)
+        metrics_listen = (host.strip("[]"), int(port_text))
     ports: list[PortSpec] = []
     port_list = top.get("port", list, [])
     for i, table in enumerate(port_list):
@@ -166,6 +176,7 @@ def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
         max_ports=max_ports,
         state_dir=vm.get("state_dir", str),
         admin_socket=vm.get("admin_socket", str),
+        metrics_listen=metrics_listen,
         frontend_grace=grace,
         cols=vm.int_in("cols", 1, 0xFFFF, 80),
         rows=vm.int_in("rows", 1, 0xFFFF, 25),

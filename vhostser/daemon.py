@@ -269,7 +269,7 @@ async def run_daemon(
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Serve one VM until SIGTERM/SIGINT; returns the exit status."""
-    from .admin import serve_admin  # the admin server needs Daemon; import late
+    from .admin import serve_admin, serve_metrics  # they need Daemon; import late
 
     activated = systemd.listen_fds()
     own_socket = False
@@ -290,6 +290,8 @@ async def run_daemon(
             await nursery.start(daemon.serve, listener)
             if cfg.admin_socket or admin_fd is not None:
                 await nursery.start(serve_admin, daemon, cfg.admin_socket, admin_fd)
+            if cfg.metrics_listen:
+                await nursery.start(serve_metrics, daemon, *cfg.metrics_listen)
             interval = systemd.watchdog_interval()
             if interval:
                 nursery.start_soon(_watchdog, interval)

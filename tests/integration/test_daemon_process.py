@@ -200,3 +200,40 @@ def test_watchdog_pings(tmp_path: Path) -> None:
         proc.terminate()
         assert proc.wait(20) == 0
         notify.close()
+
+
+def test_metrics_http_listener(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a free port on loopback for the daemon to take
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "m.toml"
+    config.write_text(f'[vm]\nname = "m"\nsocket = "{tmp_path}/vu.sock"\n'
+                      f'metrics_listen = "127.0.0.1:{port}"\n'
+                      '[[port]]\nid = 1\nname = "org.test.null"\nbackend = { type = "null" }\n')
+    proc = subprocess.Popen([sys.executable, "-m", "vhostser", "run", "--config", str(config)],
+                            cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+        with conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert b"Content-Type: text/plain; version=0.0.4" in head
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert b'vhostser_port_session_open{vm="m",port="1",name="org.test.null"} 0' in body
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as other:
+            other.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert other.recv(100).startswith(b"HTTP/1.1 404")
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0

@@ -331,3 +331,14 @@ def test_frontend_grace_nan_rejected() -> None:
 def test_port_name_with_nul_rejected() -> None:
     msg = error_of(port_doc('id = 1\nname = "qga\\u0000x"\n' + NULL))
     assert f"{SRC}: port[0].name: expected " in msg
+
+
+@pytest.mark.parametrize("value", ["9464", "localhost", "127.0.0.1:", "127.0.0.1:99999", ":80"])
+def test_metrics_listen_must_be_host_port(value: str) -> None:
+    msg = error_of(f'[vm]\nmetrics_listen = "{value}"\n')
+    assert msg.endswith(f"vm.metrics_listen: expected \"HOST:PORT\", e.g. \"127.0.0.1:9464\", "
+                        f"got {value!r}")
+
+
+def test_metrics_listen_parses() -> None:
+    assert parse('[vm]\nmetrics_listen = "[::1]:9464"\n', SRC).metrics_listen == ("::1", 9464)

@@ -33,12 +33,6 @@ class ConfigurableBackend(PortBackend):
     def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
         raise NotImplementedError
 
-    def counters_dict(self) -> dict[str, object]:
-        """This backend's own counters (next to the port's), for the admin API."""
-        counters = getattr(self, "counters", None)
-        as_dict = getattr(counters, "as_dict", None)
-        return dict(as_dict()) if callable(as_dict) else {}
-
 
 class Options:
     """Typed, checked access to one backend table. `where` prefixes every error message, e.g.
@@ -58,9 +52,6 @@ class Options:
     def fail(self, key: str, expected: str, got: object = _MISSING) -> NoReturn:
         shown = "nothing" if got is _MISSING else repr(got)
         raise OptionError(f"{self.where}.{key}: expected {expected}, got {shown}")
-
-    def has(self, key: str) -> bool:
-        return key in self.options
 
     def _raw(self, key: str, required: bool, expected: str) -> object:
         if key not in self.options:

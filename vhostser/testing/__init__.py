@@ -1,4 +1,4 @@
-"""QEMU and Linux in a box: a vhost-user front end (and, later, guest drivers) in Python, for
+"""QEMU and Linux in a box: a vhost-user front end and a virtio-console guest driver in Python, for
 tests and benchmarks. It uses the real mechanisms (memfd guest RAM, eventfds, SCM_RIGHTS)."""
 
 from .console_driver import ConsoleDriver as ConsoleDriver
@@ -16,6 +16,7 @@ from .frontend import (
 
 __all__ = [
     "DEFAULT_MEM_SIZE",
+    "ConsoleDriver",
     "IMPLEMENTED_PROTOCOL_FEATURES",
     "STATUS_FEATURES_OK",
     "AckError",

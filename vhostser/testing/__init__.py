@@ -16,12 +16,12 @@ from .frontend import (
 
 __all__ = [
     "DEFAULT_MEM_SIZE",
-    "ConsoleDriver",
     "IMPLEMENTED_PROTOCOL_FEATURES",
     "STATUS_FEATURES_OK",
     "AckError",
     "BackendClosedError",
     "BackendMessage",
+    "ConsoleDriver",
     "FrontEnd",
     "FrontEndError",
     "open_frontend",

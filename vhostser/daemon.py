@@ -33,7 +33,9 @@ def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
         [
             "qemu-system-x86_64 -machine q35,memory-backend=mem -m " + mem,
             f"-object memory-backend-memfd,id=mem,size={mem},share=on",
-            f"-chardev socket,id=vhostser0,path={cfg.socket},reconnect-ms=1000",
+            # No reconnect-ms: with it, QEMU 11.1's vhost-user-test-device-pci fails to realize
+            # ("Failed to set msg fds"): the chardev is still connecting in the background.
+            f"-chardev socket,id=vhostser0,path={cfg.socket}",
             "-device vhost-user-test-device-pci,chardev=vhostser0,virtio-id=3,"
             f"num_vqs={2 * cfg.max_ports + 2},config_size=12",
         ]

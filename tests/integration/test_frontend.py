@@ -22,7 +22,7 @@ from .conftest import RX, TX, Server
 
 
 def test_exports() -> None:
-    assert sorted(vhostser.testing.__all__) == sorted(frontend.__all__)
+    assert sorted(vhostser.testing.__all__) == sorted([*frontend.__all__, "ConsoleDriver"])
     for name in frontend.__all__:
         assert getattr(vhostser.testing, name) is getattr(frontend, name)
 

@@ -1,4 +1,4 @@
-"""`vhostser run | check | ctl`: the command line."""
+"""`vhostser run | check | ctl | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -110,6 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("id", type=int)
     close = cmds.add_parser("close-session", help="end a port's session from the host side")
     close.add_argument("port", type=int)
+    bench = sub.add_parser("bench", help="throughput and latency (see vhostser/bench.py)")
+    bench.add_argument("where", choices=["qemu", "local"],
+                       help="qemu: against QEMU's in-process virtio-serial in the same run "
+                       "(needs the e2e rig); local: no QEMU, the testing front end")
+    bench.add_argument("--which", default="g2h,h2g,rtt", help="g2h, h2g, rtt (comma-separated)")
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--bs", type=int, default=65536, help="qemu: guest dd block size")
+    bench.add_argument("--count", type=int, default=2048, help="qemu: blocks per run")
+    bench.add_argument("--mib", type=int, default=64, help="local: MiB per run")
+    bench.add_argument("--rtt-n", type=int, default=1000, help="round trips")
+    bench.add_argument("--rig", help="the e2e rig directory (default ../shared/e2e)")
+    bench.add_argument("--json", help="also write the results here")
     return p
 
 
@@ -167,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if bad else 0
     if args.command == "ctl":
         return _ctl(args)
+    if args.command == "bench":
+        from . import bench as bench_mod
+
+        return bench_mod.main(args)
     _setup_logging(args.log_level)
     try:
         cfg = _load(args.config)

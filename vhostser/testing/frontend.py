@@ -32,6 +32,7 @@ for a particular device (the virtio-console one) is built on top of it.
 from __future__ import annotations
 
 import array
+import fcntl
 import logging
 import math
 import mmap
@@ -248,9 +249,15 @@ class FrontEnd:
         self.gpa_base = gpa_base
         self.uva_base = uva_base
         self.mem_size = mem_size
-        self._memfd: int | None = os.memfd_create("vhostser-guest-ram", os.MFD_CLOEXEC)
+        self._memfd: int | None = os.memfd_create(
+            "vhostser-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        )
         try:
             os.ftruncate(self._memfd, mem_size)
+            # As QEMU's memory-backend-memfd (seal=on): the size can never change under the
+            # back end's mapping.
+            fcntl.fcntl(self._memfd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             self.region = Region(gpa_base, mem_size, uva_base, 0)
             #: The guest's RAM, addressed guest-physically.
             self.mem = MappedMemory()

@@ -3,12 +3,10 @@ front-end grace period, signals, sd_notify, the state file and the admin socket.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
 import socket
-import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import trio
 from . import config as config_mod
 from . import state as state_mod
 from . import systemd
+from .backends.unix import BACKLOG, prepare_socket_path
 from .config import PortSpec, VMConfig
 from .console import ConsoleDevice
 from .console.port import Port
@@ -43,19 +42,14 @@ def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
 
 
 async def listen_unix(path: str, mode: int | None = None) -> trio.socket.SocketType:
-    """A listening unix socket at `path`, replacing a stale socket file but nothing else."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    """A listening unix socket at `path`, replacing a stale socket file but nothing else
+    (not a live socket: a second daemon for the same VM must fail, not steal it)."""
+    prepare_socket_path(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
     if mode is not None:
         os.chmod(path, mode)
-    sock.listen(16)
+    sock.listen(BACKLOG)
     return sock
 
 

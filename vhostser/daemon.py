@@ -21,7 +21,7 @@ from .config import PortSpec, VMConfig
 from .console import ConsoleDevice
 from .console.port import Port
 from .console.session import Input
-from .vhost_user import Backend, send_backend_request, serve_connection
+from .vhost_user import VhostUserBackend, send_backend_request, serve_connection
 
 log = logging.getLogger("vhostser.daemon")
 
@@ -64,7 +64,7 @@ class Daemon:
             nursery, max_ports=cfg.max_ports, cols=cfg.cols, rows=cfg.rows,
             resize_rows_first=cfg.resize_rows_first, vm_name=cfg.name,
         )
-        self.backend = Backend(self.device)
+        self.backend = VhostUserBackend(self.device)
         self.device.on_broken = self.backend.mark_needs_reset
         self.device.on_config_change = lambda: nursery.start_soon(
             send_backend_request, self.backend, self.backend.config_change_message()

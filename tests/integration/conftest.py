@@ -1,9 +1,9 @@
 """Integration harness: the real vhost-user server side in-process, on a real unix socket.
 
 `server` listens in a temporary directory and serves one front-end connection after another
-with `serve_connection`, all against one `Backend` wrapping `EchoDevice`: a two-queue device
-that echoes what the driver writes on queue 1 (tx) back into the buffers of queue 0 (rx). The
-front end under test is `vhostser.testing`, talking over memfd, eventfds and SCM_RIGHTS.
+with `serve_connection`, all against one `VhostUserBackend` wrapping `EchoDevice`: a two-queue
+device that echoes what the driver writes on queue 1 (tx) back into the buffers of queue 0 (rx).
+The front end under test is `vhostser.testing`, talking over memfd, eventfds and SCM_RIGHTS.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from vhostser.testing import FrontEnd, open_frontend
-from vhostser.vhost_user import Backend, Outcome, Vring, serve_connection
+from vhostser.vhost_user import Outcome, VhostUserBackend, Vring, serve_connection
 from vhostser.vhost_user.backend import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -176,8 +176,8 @@ class EchoDevice:
                 return
 
 
-class RecordingBackend(Backend):
-    """A Backend that records what arrived on the wire: (request name, flags, fd count)."""
+class RecordingBackend(VhostUserBackend):
+    """A VhostUserBackend recording what arrived on the wire: (request name, flags, fd count)."""
 
     def __init__(self, device: EchoDevice) -> None:
         super().__init__(device)

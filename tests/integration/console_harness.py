@@ -1,6 +1,6 @@
-"""Harness for the console integration tests: the real `Backend` + `ConsoleDevice` served
-in-process on a unix socket (as tests/integration/conftest.py serves its EchoDevice, and as
-the daemon wires them), a `FrontEnd` connected to it, and the `ConsoleDriver` on top.
+"""Harness for the console integration tests: the real `VhostUserBackend` + `ConsoleDevice`
+served in-process on a unix socket (as tests/integration/conftest.py serves its EchoDevice, and
+as the daemon wires them), a `FrontEnd` connected to it, and the `ConsoleDriver` on top.
 
 Use it as `async with console_rig(nursery, ports=[...]) as rig:` with pytest-trio's `nursery`
 fixture: the device's tasks run in that nursery until the test ends.
@@ -27,7 +27,7 @@ from vhostser.console import ConsoleDevice
 from vhostser.console.port import Port, PortConfig
 from vhostser.testing import FrontEnd, open_frontend
 from vhostser.testing.console_driver import ConsoleDriver, ControlMessage, GuestPort
-from vhostser.vhost_user import Backend, send_backend_request, serve_connection
+from vhostser.vhost_user import VhostUserBackend, send_backend_request, serve_connection
 
 log = logging.getLogger("tests.console")
 
@@ -41,7 +41,7 @@ class Rig:
     """Everything of one test: the device side and the guest side."""
 
     device: ConsoleDevice
-    backend: Backend
+    backend: VhostUserBackend
     fe: FrontEnd
     driver: ConsoleDriver
     path: str
@@ -72,7 +72,9 @@ class Rig:
         ]
 
 
-async def _serve(listener: trio.socket.SocketType, backend: Backend, rig_box: list[Rig]) -> None:
+async def _serve(
+    listener: trio.socket.SocketType, backend: VhostUserBackend, rig_box: list[Rig]
+) -> None:
     with listener:
         while True:
             sock, _ = await listener.accept()
@@ -103,7 +105,7 @@ async def console_rig(
     await listener.bind(path)
     listener.listen()
     device = ConsoleDevice(nursery, max_ports=max_ports, **(device_args or {}))
-    backend = Backend(device)
+    backend = VhostUserBackend(device)
     device.on_broken = backend.mark_needs_reset
     device.on_config_change = lambda: nursery.start_soon(
         send_backend_request, backend, backend.config_change_message()

@@ -1,4 +1,4 @@
-"""A front end that goes away and another that comes: the same Backend serves them both."""
+"""A front end that goes away and another that comes: one VhostUserBackend serves them both."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ from vhostser.vhost_user import messages as m
 from vhostser.vhost_user.backend import (
     PROTOCOL_FEATURES,
     STATUS_NEEDS_RESET,
-    Backend,
     Outcome,
+    VhostUserBackend,
 )
 from vhostser.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
@@ -133,7 +133,7 @@ class FakeDevice:
 
 
 def send(
-    backend: Backend,
+    backend: VhostUserBackend,
     request: int,
     payload: m.Payload | bytes = b"",
     fds: Sequence[int] = (),
@@ -251,7 +251,7 @@ class Rig:
     """A back end with a fake device, guest RAM, and the fds the test gave away."""
 
     device: FakeDevice
-    backend: Backend
+    backend: VhostUserBackend
     guest: Guest
     eventfds: list[EventFd] = field(default_factory=list)
     drivers: dict[int, DriverQueue] = field(default_factory=dict)
@@ -351,7 +351,7 @@ def make_rig() -> Iterator[Callable[..., Rig]]:
 
     def make(layout: str = "one", **device: Any) -> Rig:
         dev = FakeDevice(**device)
-        rig = Rig(dev, Backend(dev), Guest(LAYOUTS[layout]))
+        rig = Rig(dev, VhostUserBackend(dev), Guest(LAYOUTS[layout]))
         rigs.append(rig)
         return rig
 

@@ -1,6 +1,6 @@
 """vhost-user: the message table, the sans-io back-end state machine and its trio connection."""
 
-from .backend import PROTOCOL_FEATURES, Backend, Outcome
+from .backend import PROTOCOL_FEATURES, Outcome, VhostUserBackend
 from .connection import receive_message, send_backend_request, serve_connection
 from .device import Device
 from .errors import FramingError, MessageError, UnknownRequestError, VhostUserError
@@ -19,7 +19,6 @@ from .vring import Vring
 __all__ = [
     "F_PROTOCOL_FEATURES",
     "PROTOCOL_FEATURES",
-    "Backend",
     "BackendRequest",
     "Device",
     "FramingError",
@@ -30,6 +29,7 @@ __all__ = [
     "ProtocolFeature",
     "Request",
     "UnknownRequestError",
+    "VhostUserBackend",
     "VhostUserError",
     "Vring",
     "decode",

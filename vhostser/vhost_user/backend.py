@@ -1,10 +1,10 @@
 """The device-independent vhost-user back-end state machine (sans-io).
 
-`Backend.receive(header, body, fds)` takes one framed message and returns an `Outcome`: the
-bytes to send back (if any) and whether the connection must close. No sockets and no trio in
-here; the only system calls are the ones the state itself is made of (mmap of guest memory,
-closing received fds, eventfd writes through `Vring`). The trio layer in `connection.py` only
-moves bytes and fds in and out.
+`VhostUserBackend.receive(header, body, fds)` takes one framed message and returns an
+`Outcome`: the bytes to send back (if any) and whether the connection must close. No sockets and
+no trio in here; the only system calls are the ones the state itself is made of (mmap of guest
+memory, closing received fds, eventfd writes through `Vring`). The trio layer in `connection.py`
+only moves bytes and fds in and out.
 
 Error policy, in one place (see `receive`):
 - a message that cannot be framed or trusted → close the connection (FramingError);
@@ -77,7 +77,7 @@ class Outcome:
     close: bool = False
 
 
-class Backend:
+class VhostUserBackend:
     """vhost-user protocol state for one device, across front-end connections.
 
     One instance lives as long as the device: a reconnecting front end meets the same device

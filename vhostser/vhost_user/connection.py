@@ -1,5 +1,5 @@
 """The trio side of vhost-user: frame messages off a unix socket with their SCM_RIGHTS fds,
-hand them to the sans-io `Backend`, send its replies. Nothing here decides anything."""
+hand them to the sans-io `VhostUserBackend`, send its replies. Nothing here decides anything."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import socket
 
 import trio
 
-from .backend import Backend
+from .backend import VhostUserBackend
 from .errors import FramingError
 from .messages import FLAG_NEED_REPLY, HEADER, MAX_FDS, U64, Header, request_name
 
@@ -72,7 +72,7 @@ async def receive_message(
     return header, body, fds
 
 
-async def serve_connection(sock: trio.socket.SocketType, backend: Backend) -> None:
+async def serve_connection(sock: trio.socket.SocketType, backend: VhostUserBackend) -> None:
     """Run one front end's conversation to its end; the backend outlives it."""
     try:
         while True:
@@ -100,7 +100,7 @@ async def serve_connection(sock: trio.socket.SocketType, backend: Backend) -> No
         backend.disconnected()
 
 
-async def send_backend_request(backend: Backend, message: bytes) -> bool:
+async def send_backend_request(backend: VhostUserBackend, message: bytes) -> bool:
     """Send one back-end request (e.g. `backend.config_change_message()`) on the channel the
     front end gave with SET_BACKEND_REQ_FD; wait for its ack when one was asked for.
     Returns False (with a log line) when there is no channel or it failed."""

@@ -3,6 +3,11 @@
 Knows nothing of any device type or transport: give it guest memory and ring addresses.
 """
 
+from virtqueue._layout import (
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+)
 from virtqueue.driver import DriverQueue, ring_layout
 from virtqueue.errors import (
     ChainError,
@@ -25,6 +30,9 @@ from virtqueue.split import (
 
 __all__ = [
     "MAX_QUEUE_SIZE",
+    "VIRTIO_F_RING_EVENT_IDX",
+    "VIRTIO_F_RING_INDIRECT_DESC",
+    "VIRTIO_F_VERSION_1",
     "VIRTQ_AVAIL_F_NO_INTERRUPT",
     "VIRTQ_DESC_F_INDIRECT",
     "VIRTQ_DESC_F_NEXT",

@@ -19,6 +19,12 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_USED_F_NO_NOTIFY = 1
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 
+# The device-independent feature bits (virtio 1.2 §6) that decide how a queue is driven,
+# whatever the transport negotiates them over.
+VIRTIO_F_RING_INDIRECT_DESC = 1 << 28
+VIRTIO_F_RING_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+
 DESC_SIZE = 16
 
 # Indexes into the 16-bit views of the avail and used areas.

@@ -24,13 +24,15 @@ import trio
 
 from vhostser.testing import FrontEnd, open_frontend
 from vhostser.vhost_user import Outcome, VhostUserBackend, Vring, serve_connection
-from vhostser.vhost_user.backend import (
+from vhostser.vhost_user.messages import Header, request_name
+from virtqueue import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
+    ChainError,
+    RingError,
+    SplitQueue,
 )
-from vhostser.vhost_user.messages import Header, request_name
-from virtqueue import ChainError, RingError, SplitQueue
 
 log = logging.getLogger("tests.echo")
 

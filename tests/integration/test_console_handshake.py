@@ -18,7 +18,7 @@ from vhostser.testing.console_driver import (
     PortGoneError,
 )
 from vhostser.vhost_user import BackendRequest
-from vhostser.vhost_user.backend import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
+from virtqueue import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1
 
 from .console_harness import CONSOLE0, ECHO, REC, console_rig, echo_ports, echo_roundtrip
 

@@ -14,7 +14,7 @@ from vhostser.vhost_user import (
     Request,
     send_backend_request,
 )
-from vhostser.vhost_user.backend import VIRTIO_F_RING_EVENT_IDX
+from virtqueue import VIRTIO_F_RING_EVENT_IDX
 
 from .conftest import ECHO_CONFIG, ECHO_FEATURES, RX, TX, Server
 

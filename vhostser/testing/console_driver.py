@@ -67,9 +67,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from virtqueue import DriverQueue
+from virtqueue import VIRTIO_F_VERSION_1, DriverQueue
 
-from ..vhost_user.backend import VIRTIO_F_VERSION_1
 from .frontend import FrontEnd, FrontEndError
 
 __all__ = [

@@ -46,9 +46,8 @@ from typing import TypeVar
 
 import trio
 
-from virtqueue import DriverQueue, MappedMemory, Region, ring_layout
+from virtqueue import VIRTIO_F_RING_EVENT_IDX, DriverQueue, MappedMemory, Region, ring_layout
 
-from ..vhost_user.backend import VIRTIO_F_RING_EVENT_IDX
 from ..vhost_user.connection import receive_message
 from ..vhost_user.errors import FramingError, MessageError
 from ..vhost_user.messages import (

@@ -20,7 +20,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from virtqueue import MAX_QUEUE_SIZE, GuestMemoryError, MappedMemory, VirtqueueError
+from virtqueue import (
+    MAX_QUEUE_SIZE,
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    GuestMemoryError,
+    MappedMemory,
+    VirtqueueError,
+)
 
 from .device import Device
 from .errors import MessageError, UnknownRequestError
@@ -50,9 +57,6 @@ from .vring import Vring, _close
 
 log = logging.getLogger("vhostser.vhost_user")
 
-VIRTIO_F_RING_INDIRECT_DESC = 1 << 28
-VIRTIO_F_RING_EVENT_IDX = 1 << 29
-VIRTIO_F_VERSION_1 = 1 << 32
 STATUS_NEEDS_RESET = 0x40
 
 # What this back end implements, whatever the device: the protocol features the issue lists.

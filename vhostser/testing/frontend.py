@@ -48,6 +48,7 @@ import trio
 
 from virtqueue import VIRTIO_F_RING_EVENT_IDX, DriverQueue, MappedMemory, Region, ring_layout
 
+from ..fds import close_fd, wait_eventfd
 from ..vhost_user.connection import receive_message
 from ..vhost_user.errors import FramingError, MessageError
 from ..vhost_user.messages import (
@@ -165,17 +166,15 @@ def _new_eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
-def _close_fd(fd: int | None) -> None:
-    if fd is None:
-        return
-    try:
-        trio.lowlevel.notify_closing(fd)
-    except RuntimeError:  # outside trio: nobody can be waiting on it
-        pass
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+def _close_watched(fd: int | None) -> None:
+    """close_fd, first waking any task waiting on `fd` (wait_call, wait_err) with
+    trio.ClosedResourceError, so none is left polling a number that may be reused."""
+    if fd is not None:
+        try:
+            trio.lowlevel.notify_closing(fd)
+        except RuntimeError:  # outside trio: nobody can be waiting on it
+            pass
+    close_fd(fd)
 
 
 class FrontEnd:
@@ -491,14 +490,16 @@ class FrontEnd:
         fd = self._vq(index).call_fd
         if fd is None:
             raise FrontEndError(f"queue {index} has no call eventfd")
-        return await _wait_eventfd(fd, timeout)
+        with trio.fail_after(timeout):
+            return await wait_eventfd(fd)
 
     async def wait_err(self, index: int, timeout: float = 5.0) -> int:
         """Wait until the back end signals queue `index`'s err eventfd; as `wait_call`."""
         fd = self._vq(index).err_fd
         if fd is None:
             raise FrontEndError(f"queue {index} has no err eventfd")
-        return await _wait_eventfd(fd, timeout)
+        with trio.fail_after(timeout):
+            return await wait_eventfd(fd)
 
     async def collect_used(self, index: int, timeout: float = 5.0) -> list[tuple[int, int]]:
         """Every (head, written) the device has returned on queue `index`, waiting for at
@@ -604,7 +605,7 @@ class FrontEnd:
         self._backend_send.close()
         for vq in self._vqs:
             for fd in (vq.kick_fd, vq.call_fd, vq.err_fd):
-                _close_fd(fd)
+                _close_watched(fd)
             vq.kick_fd = vq.call_fd = vq.err_fd = None
             vq.driver = None
         self.mem.close()
@@ -682,7 +683,7 @@ class FrontEnd:
                 pending = 0
             if pending:
                 os.eventfd_write(fd, pending)
-        _close_fd(vq.call_fd)
+        _close_watched(vq.call_fd)
         vq.call_fd = fd
 
     async def _set_enable(self, index: int, enable: bool) -> None:
@@ -788,16 +789,6 @@ def _parse(request: Request, kind: type[_P], body: bytes) -> _P:
         return kind.unpack(body)
     except (MessageError, struct.error) as e:
         raise FrontEndError(f"{request.name}: bad reply: {e}") from e
-
-
-async def _wait_eventfd(fd: int, timeout: float) -> int:
-    with trio.fail_after(timeout):
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                return os.eventfd_read(fd)
-            except BlockingIOError:  # another reader drained it first
-                continue
 
 
 @asynccontextmanager

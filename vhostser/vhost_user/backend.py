@@ -29,6 +29,7 @@ from virtqueue import (
     VirtqueueError,
 )
 
+from ..fds import close_fd, close_fds
 from .device import Device
 from .errors import MessageError, UnknownRequestError
 from .messages import (
@@ -53,7 +54,7 @@ from .messages import (
     encode_reply,
     request_name,
 )
-from .vring import Vring, _close
+from .vring import Vring
 
 log = logging.getLogger("vhostser.vhost_user")
 
@@ -144,8 +145,7 @@ class VhostUserBackend:
                 log.exception("%s: failed inside the back end", name)
                 self.mark_needs_reset(None, f"{name} failed: {e!r}")
                 e = MessageError(f"internal error: {e!r}")
-            for fd in fds:
-                _close(fd)
+            close_fds(fds)
             expects_answer = not isinstance(e, UnknownRequestError) and (
                 REQUESTS[Request(header.request)].reply is not None
             )
@@ -237,7 +237,7 @@ class VhostUserBackend:
             for which in ("kick", "call", "err"):
                 v.set_fd(which, None)
             v.enabled = False
-        _close(self.backend_req_fd)
+        close_fd(self.backend_req_fd)
         self.backend_req_fd = None
         if self.memory is not None:
             self.memory.close()
@@ -316,8 +316,7 @@ class VhostUserBackend:
         except GuestMemoryError as e:
             fresh.close()
             raise MessageError(f"cannot map region: {e}") from None
-        for fd in msg.fds:
-            _close(fd)
+        close_fds(msg.fds)
         self._stop_all()
         if self.memory is not None:
             self.memory.close()
@@ -334,7 +333,7 @@ class VhostUserBackend:
                 mem.add(region, fd)
             except GuestMemoryError as e:
                 raise MessageError(f"cannot map region: {e}") from None
-            _close(fd)
+            close_fd(fd)
 
         self._replace_memory(add)
 
@@ -349,8 +348,7 @@ class VhostUserBackend:
                 raise MessageError(f"no such region: {e}") from None
 
         self._replace_memory(remove)
-        for fd in msg.fds:
-            _close(fd)
+        close_fds(msg.fds)
 
     def _set_vring_num(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
@@ -427,7 +425,7 @@ class VhostUserBackend:
         self._update(vring)
 
     def _set_backend_req_fd(self, msg: Message) -> None:
-        _close(self.backend_req_fd)
+        close_fd(self.backend_req_fd)
         self.backend_req_fd = msg.fds[0]
 
     def _get_config(self, msg: Message) -> Payload:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import array
 import logging
-import os
 import socket
 
 import trio
 
+from ..fds import close_fds
 from .backend import VhostUserBackend
 from .errors import FramingError
 from .messages import FLAG_NEED_REPLY, HEADER, MAX_FDS, U64, Header, request_name
@@ -27,14 +27,6 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return list(fds)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 async def _recv_exact(sock: trio.socket.SocketType, n: int, fds: list[int]) -> bytes | None:
@@ -67,7 +59,7 @@ async def receive_message(
         if body is None:
             raise FramingError(f"{request_name(header.request)}: connection closed before body")
     except BaseException:
-        _close_all(fds)
+        close_fds(fds)
         raise
     return header, body, fds
 
@@ -117,7 +109,7 @@ async def send_backend_request(backend: VhostUserBackend, message: bytes) -> boo
             if scope.cancelled_caught or reply is None:
                 log.warning("back-end request %d: no ack from the front end", header.request)
                 return False
-            _close_all(reply[2])
+            close_fds(reply[2])
             if len(reply[1]) != U64.SIZE or U64.unpack(reply[1]).value != 0:
                 log.warning("back-end request %d: the front end refused it", header.request)
                 return False

@@ -16,19 +16,10 @@ import trio
 
 from virtqueue import Chain, ChainError, RingError, SplitQueue
 
+from ..fds import wait_eventfd
 from .vring import Vring
 
 log = logging.getLogger("vhostser.vhost_user")
-
-
-async def wait_eventfd(fd: int) -> int:
-    """Wait until the eventfd is signalled and consume its count."""
-    while True:
-        await trio.lowlevel.wait_readable(fd)
-        try:
-            return os.eventfd_read(fd)
-        except BlockingIOError:
-            continue
 
 
 def pop_chain(vring: Vring, queue: SplitQueue) -> Chain | None:

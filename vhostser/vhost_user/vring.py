@@ -7,17 +7,10 @@ import os
 
 from virtqueue import GuestMemory, SplitQueue
 
+from ..fds import close_fd
 from .messages import VringAddr
 
 log = logging.getLogger("vhostser.vhost_user")
-
-
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class Vring:
@@ -86,7 +79,7 @@ class Vring:
         attr = f"{which}_fd"
         old = getattr(self, attr)
         if old is not None and old != fd:
-            _close(old)
+            close_fd(old)
         setattr(self, attr, fd)
 
     def reset(self) -> None:

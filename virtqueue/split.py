@@ -101,6 +101,7 @@ class SplitQueue:
     __slots__ = (
         "_broken",
         "_indirect",
+        "_last_popped",
         "_mask",
         "_mem",
         "_rings",
@@ -141,6 +142,8 @@ class SplitQueue:
         self.next_used = next_used
         # used.idx at the previous should_notify(): the "old" of vring_need_event.
         self._signalled = next_used
+        # Head of the chain the last pop() moved past, while it may still be given back.
+        self._last_popped: int | None = None
 
     def available(self) -> int:
         """How many chains the driver has made available and the device not yet taken."""
@@ -163,6 +166,7 @@ class SplitQueue:
         slot = self.next_avail & self._mask
         head = self._rings.avail[AVAIL_RING + slot]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
+        self._last_popped = head
         if head >= self.size:
             raise self._break(f"avail ring entry {slot} holds head {head}, queue size {self.size}")
         view = self._mem.view
@@ -175,6 +179,25 @@ class SplitQueue:
         except GuestMemoryError as e:
             raise ChainError(head, f"buffer outside guest memory: {e}") from e
         return Chain(head, readable, writable)
+
+    def give_back(self, chain: Chain) -> None:
+        """Return `chain`, popped and not pushed, to the avail side: the next pop() takes it
+        again, as when the device must stop before it can complete it. Only the chain popped
+        last can be given back, and only once."""
+        if self._last_popped is None:
+            raise ValueError(
+                f"cannot give back chain {chain.head}: no chain was popped since the last "
+                "give_back, or it was pushed"
+            )
+        if chain.head != self._last_popped:
+            raise ValueError(
+                f"cannot give back chain {chain.head}: only the chain popped last "
+                f"({self._last_popped}) can be"
+            )
+        self._last_popped = None
+        # Its avail ring entry is still there: the driver cannot reuse that slot while the
+        # chain's descriptors are out.
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
 
     def push(self, head: int, written: int) -> None:
         """Return chain `head` to the driver with `written` bytes written into it."""
@@ -231,6 +254,8 @@ class SplitQueue:
         self._rings.used_elems[i] = head
         self._rings.used_elems[i + 1] = written
         self.next_used = (self.next_used + 1) & 0xFFFF
+        if head == self._last_popped:
+            self._last_popped = None  # completed: the driver may reuse it, so it is not ours
 
     def _break(self, reason: str) -> RingError:
         self._broken = reason

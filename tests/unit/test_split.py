@@ -223,6 +223,74 @@ def test_push_rejects_bad_elements() -> None:
     assert r.drv.get_used() is None
 
 
+@pytest.mark.parametrize("start", [0, 0xFFFF])
+def test_give_back_makes_pop_return_the_chain_again(start: int) -> None:
+    r = rig(4, start=start)  # 0xFFFF: giving back steps next_avail back across the wrap
+    first = r.drv.add([(r.alloc(5, b"first"), 5)], [(r.alloc(8), 8)])
+    second = r.drv.add([(r.alloc(6, b"second"), 6)], [])
+    a = r.dev.pop()
+    b = r.dev.pop()
+    assert a is not None and b is not None and (a.head, b.head) == (first, second)
+    r.dev.give_back(b)
+    assert r.dev.available() == 1
+    again = r.dev.pop()
+    assert again is not None and again.head == second and again.read() == b"second"
+    r.dev.give_back(again)
+    r.dev.push(a.head, 0)  # completing another chain does not stop the give-back
+    again = r.dev.pop()
+    assert again is not None and again.head == second and again.read() == b"second"
+    r.dev.push(again.head, 0)
+    assert r.dev.pop() is None
+    assert [r.drv.get_used(), r.drv.get_used()] == [(first, 0), (second, 0)]
+
+
+def test_give_back_twice_is_refused() -> None:
+    r = rig()
+    r.drv.add([(r.alloc(1, b"x"), 1)], [])
+    chain = r.dev.pop()
+    assert chain is not None
+    r.dev.give_back(chain)
+    with pytest.raises(ValueError, match="no chain was popped since the last give_back"):
+        r.dev.give_back(chain)
+    assert r.dev.available() == 1
+
+
+def test_give_back_of_a_chain_not_popped_last_is_refused() -> None:
+    r = rig()
+    for data in (b"a", b"b"):
+        r.drv.add([(r.alloc(1, data), 1)], [])
+    a = r.dev.pop()
+    b = r.dev.pop()
+    assert a is not None and b is not None
+    with pytest.raises(ValueError, match=f"only the chain popped last \\({b.head}\\)"):
+        r.dev.give_back(a)
+    assert r.dev.available() == 0
+    r.dev.give_back(b)  # the last one still can be
+
+
+def test_give_back_of_a_pushed_chain_is_refused() -> None:
+    r = rig()
+    r.drv.add([(r.alloc(1, b"x"), 1)], [])
+    chain = r.dev.pop()
+    assert chain is not None
+    r.dev.push(chain.head, 0)
+    with pytest.raises(ValueError, match="or it was pushed"):
+        r.dev.give_back(chain)
+
+
+def test_give_back_after_a_bad_chain_is_refused_for_the_chain_before_it() -> None:
+    r = rig()
+    good = r.drv.add([(r.alloc(1, b"x"), 1)], [])
+    r.drv.add([(DATA + DATA_SIZE, 1)], [])  # outside guest memory
+    chain = r.dev.pop()
+    assert chain is not None and chain.head == good
+    with pytest.raises(ChainError) as bad:
+        r.dev.pop()
+    with pytest.raises(ValueError, match="only the chain popped last"):
+        r.dev.give_back(chain)
+    r.bad_chain_then_good(bad.value.head)
+
+
 def test_full_ring_is_not_an_error() -> None:
     r = rig(4)
     for _ in range(4):

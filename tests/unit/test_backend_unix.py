@@ -19,6 +19,7 @@ from test_backend_harness import (
     unix_connect,
     wait_until,
 )
+from trio.testing import MockClock
 
 from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode
 from vhostser.backends.peers import backoff_delays
@@ -86,7 +87,9 @@ async def test_stream_bytes_both_ways_to_every_peer(tmp_path: Path) -> None:
         assert backend.counters.bytes_from_peers == len(down)
 
 
-async def test_stream_full_staging_stops_reading_the_peer(tmp_path: Path) -> None:
+async def test_stream_full_staging_stops_reading_the_peer(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     backend = make(tmp_path)
     guest = Guest(backend, PortConfig(1, name="x", staging_limit=4096))
     payload = blob(4 << 20, 3)
@@ -102,7 +105,7 @@ async def test_stream_full_staging_stops_reading_the_peer(tmp_path: Path) -> Non
                 sent.set()
 
             nursery.start_soon(sender)
-            await trio.sleep(0.3)
+            await trio.sleep(0.3)  # autojump_clock: over once every task is blocked
             assert not sent.is_set(), "the peer's send should block: nobody reads"
             assert guest.port.staged == 4096
             # Read at most a chunk beyond what fits: the socket pushes back, memory is bounded.
@@ -400,7 +403,7 @@ async def test_framed_sessions_as_frames(tmp_path: Path) -> None:
 
 
 async def test_framed_peer_close_ends_the_session_until_the_guest_reopens(
-    tmp_path: Path,
+    tmp_path: Path, autojump_clock: MockClock
 ) -> None:
     backend = make(tmp_path, mode="framed")
     guest = Guest(backend, PortConfig(1, name="f"))
@@ -412,7 +415,7 @@ async def test_framed_peer_close_ends_the_session_until_the_guest_reopens(
         await peer.send(Close(1, "host-close"))
         assert await peer.next() == Close(1, "host-close")
         await wait_until(lambda: guest.state is State.E)
-        await trio.sleep(0.05)
+        await trio.sleep(0.05)  # autojump_clock: over once every task is blocked
         assert guest.state is State.E  # not re-attached under the guest's EOF
         await peer.send(Close(1, "again"))  # no longer open: ignored, counted
         await wait_until(lambda: backend.counters.stale_frames == 1)
@@ -534,7 +537,9 @@ async def test_client_in_session_mode_reconnects_for_the_next_session(tmp_path: 
 # ====================================================================== daemon life cycle
 
 
-async def test_shutdown_closes_the_session_without_starting_another(tmp_path: Path) -> None:
+async def test_shutdown_closes_the_session_without_starting_another(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
     backend = make(tmp_path, mode="framed")
     guest = Guest(backend, PortConfig(1, name="f"))
     async with running(backend):
@@ -544,7 +549,7 @@ async def test_shutdown_closes_the_session_without_starting_another(tmp_path: Pa
         assert await peer.next() == Open(1, "f")
         guest.port.apply(Input.SHUTDOWN)
         assert await peer.next() == Close(1, "shutdown")
-        await trio.sleep(0.05)
+        await trio.sleep(0.05)  # autojump_clock: over once every task is blocked
         assert guest.port.session is None and guest.port.counters.sessions_opened == 1
 
 

@@ -2,8 +2,8 @@
 
 from .backend import PROTOCOL_FEATURES, Outcome, VhostUserBackend
 from .connection import receive_message, send_backend_request, serve_connection
-from .device import Device
 from .errors import FramingError, MessageError, UnknownRequestError, VhostUserError
+from .interface import Device
 from .messages import (
     F_PROTOCOL_FEATURES,
     BackendRequest,

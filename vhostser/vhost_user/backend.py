@@ -30,8 +30,8 @@ from virtqueue import (
 )
 
 from ..fds import close_fd, close_fds
-from .device import Device
 from .errors import MessageError, UnknownRequestError
+from .interface import Device
 from .messages import (
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,

@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import PortBackend
 from .backends.registry import BACKENDS, OptionError
-from .console.port import DEFAULT_STAGING, PortConfig
+from .console import DEFAULT_STAGING, PortBackend, PortConfig
 
 
 class ConfigError(ValueError):

@@ -18,8 +18,7 @@ from . import state as state_mod
 from . import systemd
 from .backends.unix import BACKLOG, prepare_socket_path
 from .config import PortSpec, VMConfig
-from .console import ConsoleDevice
-from .console.port import Port
+from .console import ConsoleDevice, Port
 from .console.session import Input
 from .vhost_user import VhostUserBackend, send_backend_request, serve_connection
 
@@ -90,7 +89,7 @@ class Daemon:
         if saved and saved.guest_open and saved.session_id is not None:
             # The guest had this port open when the previous daemon stopped: the session goes
             # on (a reconnecting QEMU brings the same guest back); tell the backend again.
-            port.restore_session(saved.session_id)
+            self.device.restore_session(spec.config.id, saved.session_id)
         self.save_state()
         return port
 
@@ -127,9 +126,7 @@ class Daemon:
         for pid in changed + added:
             self.add_port(wanted[pid])
         for port in self.device.ports.values():
-            reopen = getattr(port.backend, "reopen", None)
-            if callable(reopen):
-                reopen()
+            port.backend.reopen()
         log.info("reload: added %s, removed %s, changed %s", added, removed, changed)
         return {"added": added, "removed": removed, "changed": changed}
 
@@ -246,9 +243,8 @@ class Daemon:
         ports = {}
         for pid, port in sorted(self.device.ports.items()):
             entry = port.counters.as_dict()
-            backend_counters = getattr(port.backend, "counters", None)
-            if backend_counters is not None and hasattr(backend_counters, "as_dict"):
-                entry["backend"] = backend_counters.as_dict()
+            if backend_counters := port.backend.counter_values():
+                entry["backend"] = dict(backend_counters)
             ports[str(pid)] = entry
         return {"device": self.device.counters.as_dict(), "ports": ports}
 

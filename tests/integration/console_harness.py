@@ -21,10 +21,8 @@ from typing import Any
 
 import trio
 
-from vhostser.backends.base import PortBackend
 from vhostser.backends.simple import EchoBackend, RecordingBackend
-from vhostser.console import ConsoleDevice
-from vhostser.console.port import Port, PortConfig
+from vhostser.console import ConsoleDevice, Port, PortBackend, PortConfig
 from vhostser.testing import FrontEnd, open_frontend
 from vhostser.testing.console_driver import ConsoleDriver, ControlMessage, GuestPort
 from vhostser.vhost_user import VhostUserBackend, send_backend_request, serve_connection

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from vhostser.backends.simple import RecordingBackend
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.testing.console_driver import (
     BAD_ID,
     CONTROL_TX,
@@ -140,7 +140,7 @@ async def test_device_ready_storm(nursery: trio.Nursery, caplog: pytest.LogCaptu
             await drv.send_raw_control(*[_msg(BAD_ID, ControlEvent.DEVICE_READY)] * 50)
             assert dev.counters.device_ready == 51
             # Bounded: only the last reset's DEVICE_ADDs wait for the guest.
-            assert len(dev._control_out) <= len(dev.ports)
+            assert len(dev.state.control_out) <= len(dev.ports)
         assert dev.counters.control_overflow == 0
         backend = dev.ports[2].backend
         assert isinstance(backend, RecordingBackend)
@@ -176,11 +176,12 @@ async def test_port_ready_storm_is_bounded(
                 await trio.sleep(0.02)
                 # Answers: PORT_NAME + PORT_OPEN each; the guest's 128 posted buffers took
                 # some, at most 1024 wait, the rest was dropped and counted.
-                queued, delivered = len(dev._control_out), dev.counters.control_to_guest - before
+                queued = len(dev.state.control_out)
+                delivered = dev.counters.control_to_guest - before
                 assert queued == 1024 and delivered == drv.queue_size
             assert dev.counters.control_overflow == 2 * 600 - 1024 - delivered
         assert any("control queue to the guest full" in m for m in messages(caplog))
-        await drv.wait_for(lambda: not dev._control_out)
+        await drv.wait_for(lambda: not dev.state.control_out)
         await _rec_still_works(rig, rec)
 
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from vhostser.backends.simple import EchoBackend, RecordingBackend
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.testing.console_driver import MAX_WRITE, GuestPort, WouldBlockError
 
 from .console_harness import CONSOLE0, ECHO, REC, Rig, console_rig, echo_ports, echo_roundtrip
@@ -81,7 +81,7 @@ async def test_guest_writes_block_while_the_backend_refuses(nursery: trio.Nurser
         assert port.reclaim() == 0 and port.tx_in_flight == 16
         assert rec.data == {}
         # Bounded on the host side: one chain held, the rest left in the ring.
-        assert len(rig.device._pending_tx) == 1
+        assert rig.device.core.held_ports == [2]
         assert rig.dev(2).counters.bytes_from_guest == 0
         # A blocking write waits.
         with pytest.raises(trio.TooSlowError):
@@ -95,7 +95,7 @@ async def test_guest_writes_block_while_the_backend_refuses(nursery: trio.Nurser
         await port.write_all(b"after")
         await port.drain()
         assert bytes(rec.data[1]) == bytes(written) + b"after"
-        assert rig.device._pending_tx == {}
+        assert rig.device.core.held_ports == []
 
 
 async def test_host_to_guest_bounded_by_staging(nursery: trio.Nursery) -> None:

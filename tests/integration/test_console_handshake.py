@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from vhostser.backends.simple import EchoBackend, RecordingBackend
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.testing.console_driver import (
     BAD_ID,
     F_EMERG_WRITE,

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from vhostser.backends.simple import EchoBackend, RecordingBackend
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.testing.console_driver import (
     BAD_ID,
     MAX_WRITE,
@@ -236,7 +236,7 @@ async def test_stop_with_a_held_tx_chain(nursery: trio.Nursery) -> None:
         for c in chunks:
             await port.write(c)
         await trio.sleep(0.02)
-        assert len(rig.device._pending_tx) == 1 and port.tx_in_flight == 3
+        assert rig.device.core.held_ports == [2] and port.tx_in_flight == 3
         bases = await rig.fe.stop(pause=True)
         assert bases[tx_queue(2)] == 1  # only "first;" was completed
         await rig.fe.resume()

@@ -21,8 +21,8 @@ import trio.testing
 from vhostser import admin, config
 from vhostser.backends.simple import RecordingBackend
 from vhostser.config import PortSpec
-from vhostser.console.port import PortConfig
-from vhostser.console.session import Input, State
+from vhostser.console import PortConfig, control
+from vhostser.console.session import State
 from vhostser.daemon import Daemon
 
 CONFIG = """\
@@ -58,10 +58,29 @@ async def running(text: str = CONFIG, source: str = "t1.toml") -> AsyncIterator[
         nursery.cancel_scope.cancel()
 
 
+def from_guest(daemon: Daemon, msg: control.ControlMessage) -> None:
+    """A control message from the guest, as the control queue hands it to the device."""
+    daemon.device.core.control_from_guest(msg)
+    daemon.device.settle()
+
+
 def guest_opens(daemon: Daemon, pid: int) -> None:
-    port = daemon.device.ports[pid]
-    port.announce()
-    port.apply(Input.GUEST_OPEN)
+    """The guest sets the port up (PORT_READY) and opens it."""
+    from_guest(daemon, control.ControlMessage(pid, control.Event.PORT_READY, 1))
+    from_guest(daemon, control.port_open(pid, True))
+
+
+def guest_writes(daemon: Daemon, pid: int, data: bytes) -> bool:
+    """One tx chain of the guest's: True if the device is done with it."""
+    done = daemon.device.core.guest_bytes(pid, data)
+    daemon.device.settle()
+    return done
+
+
+def guest_reads(daemon: Daemon, pid: int, n: int) -> None:
+    """An rx buffer of n bytes takes what is staged."""
+    daemon.device.core.consumed(pid, n)
+    daemon.device.settle()
 
 
 def ok(daemon: Daemon, request: Any) -> Any:
@@ -114,7 +133,7 @@ async def test_status() -> None:
 async def test_ports() -> None:
     async with running() as daemon:
         guest_opens(daemon, 1)
-        daemon.device.ports[2].apply(Input.GUEST_OPEN)
+        guest_opens(daemon, 2)
         assert ok(daemon, {"cmd": "ports"}) == [
             {"id": 0, "name": "", "console": True, "backend": "null", "state": "B",
              "guest_open": False, "host_open": False, "guest_ready": False, "session": None},
@@ -122,7 +141,7 @@ async def test_ports() -> None:
              "state": "A", "guest_open": True, "host_open": True, "guest_ready": True,
              "session": 1},
             {"id": 2, "name": "org.test.null", "console": False, "backend": "null",
-             "state": "D", "guest_open": True, "host_open": False, "guest_ready": False,
+             "state": "D", "guest_open": True, "host_open": False, "guest_ready": True,
              "session": 1},
         ]
 
@@ -131,7 +150,7 @@ async def test_sessions() -> None:
     async with running() as daemon:
         assert ok(daemon, {"cmd": "sessions"}) == []
         guest_opens(daemon, 2)
-        daemon.device.ports[2].apply(Input.GUEST_CLOSE)
+        from_guest(daemon, control.port_open(2, False))
         guest_opens(daemon, 2)
         guest_opens(daemon, 1)
         assert ok(daemon, {"cmd": "sessions"}) == [
@@ -143,9 +162,8 @@ async def test_sessions() -> None:
 async def test_stats() -> None:
     async with running() as daemon:
         guest_opens(daemon, 1)
-        port = daemon.device.ports[1]
-        assert port.guest_bytes(b"hello")
-        port.consumed(5)
+        assert guest_writes(daemon, 1, b"hello")
+        guest_reads(daemon, 1, 5)
         daemon.device.ports[2].send(b"nobody")
         stats = ok(daemon, {"cmd": "stats"})
         assert set(stats) == {"device", "ports"}
@@ -229,9 +247,8 @@ async def test_close_session() -> None:
         spec, made = recording_spec(3)
         daemon.add_port(spec)
         port = daemon.device.ports[3]
-        port.announce()
         port.host_attach()
-        port.apply(Input.GUEST_OPEN)
+        guest_opens(daemon, 3)
         assert ok(daemon, {"cmd": "close-session", "port": 3}) == {"port": 3, "session": 1}
         assert made[0].events == [("open", 1, ""), ("close", 1, "host-close")]
         assert port.state is State.E
@@ -343,12 +360,11 @@ def parse_prometheus(text: str) -> dict[str, dict[str, Any]]:
 
 async def test_metrics_parse_line_by_line() -> None:
     async with running() as daemon:
-        guest_opens(daemon, 1)
-        port = daemon.device.ports[1]
-        port.guest_bytes(b"abc")
-        port.consumed(3)
         daemon.device.ports[2].send(b"xy")
-        daemon.device.ports[2].apply(Input.RESET)
+        daemon.device.reset()  # the front end resets the device: every port sees it
+        guest_opens(daemon, 1)
+        guest_writes(daemon, 1, b"abc")
+        guest_reads(daemon, 1, 3)
         text = ok(daemon, {"cmd": "metrics"})
         assert text == admin.prometheus(daemon)
         fams = parse_prometheus(text)
@@ -374,7 +390,7 @@ async def test_metrics_parse_line_by_line() -> None:
             ({"vm": "t1", "port": "2", "name": "org.test.null", "reason": "guest-closed"}, 2.0)
         ]
         resets = {s[0]["port"]: s[1] for s in fams["vhostser_port_resets_total"]["samples"]}
-        assert resets == {"0": 0.0, "1": 0.0, "2": 1.0}
+        assert resets == {"0": 1.0, "1": 1.0, "2": 1.0}
         assert fams["vhostser_bad_control_messages_total"]["samples"] == [({"vm": "t1"}, 0.0)]
 
 

@@ -16,7 +16,7 @@ from test_backend_harness import (
 )
 
 from vhostser.backends.console_log import ConsoleBackend
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.console.session import State
 
 

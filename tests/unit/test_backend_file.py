@@ -9,7 +9,7 @@ from pathlib import Path
 from test_backend_harness import Guest, running
 
 from vhostser.backends.file import FileBackend, LineStamper, format_timestamp
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.console.session import State
 
 

@@ -1,9 +1,6 @@
-"""A guest in a box for backend tests: drives a Port the way the device does, no virtqueues.
-
-`Guest` opens and closes the port (control inputs), writes like a tx queue (a refused write
-is held and offered again when the port pokes tx, exactly as the device keeps a pending
-chain), and reads like an rx queue (`take_staged` / `consumed`). Imported by the other
-`test_backend_*` modules; its own tests check the harness against the simple backends.
+"""Helpers for backend tests, around `vhostser.testing.PortGuest` (a guest in a box for one
+port, no virtqueues). Imported by the other `test_backend_*` modules; its own tests check the
+harness against the simple backends.
 """
 
 from __future__ import annotations
@@ -15,103 +12,11 @@ from typing import Any
 
 import trio
 
-from vhostser.backends.base import PortBackend
 from vhostser.backends.simple import EchoBackend, RecordingBackend
-from vhostser.console.control import ControlMessage, Event
-from vhostser.console.port import Port, PortConfig
-from vhostser.console.session import Input, State
+from vhostser.testing.port_guest import TIMEOUT, PortGuest
 
-TIMEOUT = 3.0
-
-
-class Guest:
-    def __init__(self, backend: PortBackend, config: PortConfig | None = None) -> None:
-        self.control: list[ControlMessage] = []
-        self.port = Port(config or PortConfig(1, name="org.test.0"), backend,
-                         send_control=self.control.append)
-        self.port.announce()  # the guest answered PORT_READY: host PORT_OPEN is sent from now
-        self.port.poke_tx = self._poke_tx
-        self.port.poke_rx = self._poke_rx
-        self.pending: bytearray = bytearray()
-        self.written = 0  # bytes the port took from us (delivered or dropped)
-        self._tx = trio.Event()
-        self._rx = trio.Event()
-
-    # -- control
-    def open(self) -> None:
-        self.port.apply(Input.GUEST_OPEN)
-
-    def close(self) -> None:
-        self.port.apply(Input.GUEST_CLOSE)
-
-    def reset(self) -> None:
-        self.port.apply(Input.RESET)
-
-    @property
-    def state(self) -> State:
-        return self.port.state
-
-    @property
-    def host_open(self) -> bool:
-        return self.port.state.host_open
-
-    def host_opens(self) -> list[int]:
-        """The host PORT_OPEN values the guest was sent, in order."""
-        return [m.value for m in self.control if m.event is Event.PORT_OPEN]
-
-    # -- tx (guest → host)
-    def _poke_tx(self) -> None:
-        self._tx.set()
-        self._flush()
-
-    def _flush(self) -> None:
-        while self.pending:
-            if not self.port.guest_may_write():
-                return
-            chunk = bytes(self.pending[:4096])
-            if not self.port.guest_bytes(chunk):
-                return
-            del self.pending[: len(chunk)]
-            self.written += len(chunk)
-
-    def write(self, data: bytes) -> None:
-        """Queue bytes to write, in 4 KiB chains; they move as far as the port takes them."""
-        self.pending += data
-        self._flush()
-
-    async def drain(self, timeout: float = TIMEOUT) -> None:
-        """Until every queued byte was taken by the port."""
-        with trio.fail_after(timeout):
-            while self.pending:
-                self._tx = trio.Event()
-                self._flush()
-                if self.pending:
-                    await self._tx.wait()
-
-    # -- rx (host → guest)
-    def _poke_rx(self) -> None:
-        self._rx.set()
-
-    def read(self) -> bytes:
-        n = self.port.staged
-        data = bytes(self.port.take_staged(n))
-        if n:
-            self.port.consumed(n)
-        return data
-
-    async def read_exactly(self, n: int, timeout: float = TIMEOUT) -> bytes:
-        out = bytearray()
-        with trio.fail_after(timeout):
-            while len(out) < n:
-                self._rx = trio.Event()
-                want = n - len(out)
-                k = min(want, self.port.staged)
-                if k:
-                    out += self.port.take_staged(k)
-                    self.port.consumed(k)
-                    continue
-                await self._rx.wait()
-        return bytes(out)
+# The name the backend tests use for the guest in a box.
+Guest = PortGuest
 
 
 async def wait_until(cond: Callable[[], object], timeout: float = TIMEOUT) -> None:

@@ -10,7 +10,7 @@ import trio
 from test_backend_harness import Guest, running, wait_until
 
 from vhostser.backends.pty import PtyBackend, make_symlink
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.console.session import State
 
 

@@ -17,7 +17,7 @@ from vhostser.backends.framing import Data, FrameDecoder, Open, encode
 from vhostser.backends.peers import PeerBackend
 from vhostser.backends.tcp import TcpBackend, socket_in_netns
 from vhostser.backends.unix import UnixBackend
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.console.session import State
 
 

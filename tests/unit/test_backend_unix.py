@@ -24,7 +24,7 @@ from trio.testing import MockClock
 from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode
 from vhostser.backends.peers import backoff_delays
 from vhostser.backends.unix import UnixBackend, prepare_socket_path
-from vhostser.console.port import PortConfig
+from vhostser.console import PortConfig
 from vhostser.console.session import Input, State
 
 
@@ -547,7 +547,7 @@ async def test_shutdown_closes_the_session_without_starting_another(
         await wait_until(lambda: guest.host_open)
         guest.open()
         assert await peer.next() == Open(1, "f")
-        guest.port.apply(Input.SHUTDOWN)
+        guest.apply(Input.SHUTDOWN)
         assert await peer.next() == Close(1, "shutdown")
         await trio.sleep(0.05)  # autojump_clock: over once every task is blocked
         assert guest.port.session is None and guest.port.counters.sessions_opened == 1
@@ -556,7 +556,7 @@ async def test_shutdown_closes_the_session_without_starting_another(
 async def test_a_restored_session_is_replayed_to_peers(tmp_path: Path) -> None:
     backend = make(tmp_path, mode="framed")
     guest = Guest(backend, PortConfig(1, name="f"))
-    guest.port.restore_session(41)  # the daemon restarted; the guest never closed the port
+    guest.restore_session(41)  # the daemon restarted; the guest never closed the port
     async with running(backend):
         peer = FramedPeer(await unix_connect(backend.path))
         assert await peer.next() == Open(41, "f")

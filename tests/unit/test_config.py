@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from vhostser import config
-from vhostser.backends.base import PortBackend
 from vhostser.backends.registry import BACKENDS
 from vhostser.config import ConfigError, PortSpec, VMConfig, parse
-from vhostser.console.port import DEFAULT_STAGING, PortConfig
+from vhostser.console import DEFAULT_STAGING, PortBackend, PortConfig
 
 SRC = "web1.toml"
 NULL = 'backend = { type = "null" }'

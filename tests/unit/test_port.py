@@ -15,12 +15,18 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vhostser.backends.base import PortBackend, Session
 from vhostser.backends.simple import EchoBackend, NullBackend, RecordingBackend
-from vhostser.console import control
-from vhostser.console.control import ControlMessage
-from vhostser.console.port import DEFAULT_STAGING, Port, PortConfig, PortCounters
+from vhostser.console import (
+    DEFAULT_STAGING,
+    Port,
+    PortBackend,
+    PortConfig,
+    PortCounters,
+    Session,
+    control,
+)
 from vhostser.console.session import Input, Reason, State
+from vhostser.testing.port_guest import PortGuest
 
 LIMIT = 16
 
@@ -29,21 +35,19 @@ def make(
     *,
     backend: PortBackend | None = None,
     ready: bool = False,
+    first_session_id: int = 1,
     **config: object,
-) -> tuple[Port, RecordingBackend, list[ControlMessage]]:
-    sent: list[ControlMessage] = []
+) -> tuple[Port, RecordingBackend, PortGuest]:
+    """A port as the device has it; the guest has not set it up unless `ready`."""
     be = backend if backend is not None else RecordingBackend()
     cfg = PortConfig(**{"id": 1, "staging_limit": LIMIT, **config})  # type: ignore[arg-type]
-    port = Port(cfg, be, sent.append)
-    if ready:
-        port.announce()
-        sent.clear()
-    return port, be, sent  # type: ignore[return-value]
+    g = PortGuest(be, cfg, ready=ready, first_session_id=first_session_id)
+    return g.port, be, g  # type: ignore[return-value]
 
 
-def to_state(port: Port, state: State) -> None:
+def to_state(g: PortGuest, state: State) -> None:
     """Drive a fresh port (state B) into `state` with real inputs."""
-    assert port.state is State.B
+    assert g.state is State.B
     path = {
         State.B: [],
         State.C: [Input.HOST_OPEN],
@@ -51,15 +55,15 @@ def to_state(port: Port, state: State) -> None:
         State.A: [Input.HOST_OPEN, Input.GUEST_OPEN],
         State.E: [Input.GUEST_OPEN, Input.HOST_END],
     }[state]
+    if not g.port.guest_ready and state.guest_open:
+        g.set_up()  # the guest opens only ports it set up
     for inp in path:
-        port.apply(inp)
-    assert port.state is state
+        g.apply(inp)
+    assert g.state is state
 
 
-def drain(port: Port) -> bytes:
-    data = bytes(port.take_staged(port.staged))
-    port.consumed(len(data))
-    return data
+def drain(g: PortGuest) -> bytes:
+    return g.read()
 
 
 # ------------------------------------------------------------------------ basics
@@ -67,7 +71,7 @@ def drain(port: Port) -> bytes:
 
 def test_defaults_and_binding() -> None:
     be = RecordingBackend()
-    port = Port(PortConfig(3, "n"), be, [].append)
+    port = PortGuest(be, PortConfig(3, "n"), ready=False).port
     assert be.port is port
     assert (port.id, port.name, port.state, port.session) == (3, "n", State.B, None)
     assert port.config.staging_limit == DEFAULT_STAGING == 64 * 1024
@@ -92,8 +96,8 @@ def test_counters_as_dict() -> None:
 
 
 def test_session_carries_port_and_name() -> None:
-    port, _, _ = make(name="org.x")
-    port.apply(Input.GUEST_OPEN)
+    port, _, g = make(name="org.x")
+    g.apply(Input.GUEST_OPEN)
     assert port.session == Session(1, "org.x", 1)
 
 
@@ -112,59 +116,61 @@ def test_session_carries_port_and_name() -> None:
     ],
 )
 def test_announce_in_qemus_order(console: bool, name: str, host: bool, expect: list[str]) -> None:
-    port, _, sent = make(console=console, name=name, id=2)
+    port, _, g = make(console=console, name=name, id=2)
     if host:
         port.host_attach()
-    assert sent == []  # nothing before the guest announced the port
-    port.announce()
+    assert g.control == []  # nothing before the guest announced the port
+    g.set_up()
     assert port.guest_ready
     msgs = {
         "console": control.console_port(2),
         "name": control.port_name(2, name),
         "open": control.port_open(2, True),
     }
-    assert sent == [msgs[k] for k in expect]
+    assert g.control == [msgs[k] for k in expect]
 
 
 def test_h_changes_told_only_after_guest_ready() -> None:
-    port, _, sent = make()
+    port, _, g = make()
     port.host_attach()
     port.host_detach()
     port.host_attach()
-    assert sent == []
-    port.announce()
-    assert sent == [control.port_open(1, True)]
-    sent.clear()
+    assert g.control == []
+    g.set_up()
+    assert g.control == [control.port_open(1, True)]
+    g.control.clear()
     port.host_detach()
     port.host_attach()
-    assert sent == [control.port_open(1, False), control.port_open(1, True)]
+    assert g.control == [control.port_open(1, False), control.port_open(1, True)]
 
 
 def test_guest_events_send_no_control() -> None:
-    port, _, sent = make(ready=True)
-    port.apply(Input.GUEST_OPEN)
-    port.apply(Input.GUEST_OPEN)
-    port.apply(Input.GUEST_CLOSE)
-    assert sent == []
+    _, _, g = make(ready=True)
+    g.apply(Input.GUEST_OPEN)
+    g.apply(Input.GUEST_OPEN)
+    g.apply(Input.GUEST_CLOSE)
+    assert g.control == []
 
 
 def test_reset_forgets_guest_ready() -> None:
-    port, _, sent = make(ready=True)
+    port, _, g = make(ready=True)
     port.host_attach()
-    sent.clear()
-    port.apply(Input.RESET)
+    g.control.clear()
+    g.apply(Input.RESET)
     assert not port.guest_ready
+    assert g.control == [control.device_add(1)]  # the driver learns of the port again
+    g.control.clear()
     port.host_detach()
     port.host_attach()
-    assert sent == []  # the re-initialising guest hears H on its PORT_READY
-    port.announce()
-    assert sent == [control.port_open(1, True)]
+    assert g.control == []  # the re-initialising guest hears H on its PORT_READY
+    g.set_up()
+    assert g.control == [control.port_open(1, True)]
 
 
 def test_redundant_inputs_counted() -> None:
-    port, be, _ = make()
+    port, be, g = make(ready=True)
     port.host_detach()  # B
-    port.apply(Input.GUEST_CLOSE)  # B
+    g.apply(Input.GUEST_CLOSE)  # B
     port.host_attach()
     port.host_attach()  # C
     assert port.counters.redundant_events == 3
@@ -172,47 +178,42 @@ def test_redundant_inputs_counted() -> None:
 
 
 def test_state_change_pokes_queues_redundant_does_not() -> None:
-    port, _, _ = make()
-    pokes: list[str] = []
-    port.poke_rx = lambda: pokes.append("rx")
-    port.poke_tx = lambda: pokes.append("tx")
-    port.apply(Input.GUEST_OPEN)
-    assert pokes == ["tx", "rx"]
-    pokes.clear()
-    port.apply(Input.GUEST_OPEN)
-    assert pokes == []
+    _, _, g = make(ready=True)
+    g.apply(Input.GUEST_OPEN)
+    assert g.pokes == {"tx": 1, "rx": 1}
+    g.apply(Input.GUEST_OPEN)
+    assert g.pokes == {"tx": 1, "rx": 1}
 
 
 # ------------------------------------------------------------------------ staging (host→guest)
 
 
 def test_send_bounded_by_staging() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     assert port.send(b"a" * 10) == 10
     assert port.send(b"b" * 10) == LIMIT - 10
     assert port.send(b"c") == 0
     assert port.staged == LIMIT
-    assert drain(port) == b"a" * 10 + b"b" * 6
+    assert drain(g) == b"a" * 10 + b"b" * 6
 
 
 def test_send_memoryview_and_poke() -> None:
-    port, _, _ = make()
-    to_state(port, State.D)
-    pokes: list[int] = []
-    port.poke_rx = lambda: pokes.append(1)
+    port, _, g = make()
+    to_state(g, State.D)
+    before = g.pokes["rx"]
     assert port.send(memoryview(b"xyz")[1:]) == 2
-    assert pokes == [1]
+    assert g.pokes["rx"] == before + 1
     assert port.send(b"") == 0
-    assert pokes == [1]  # nothing taken, nothing to wake
-    assert drain(port) == b"yz"
+    assert g.pokes["rx"] == before + 1  # nothing taken, nothing to wake
+    assert drain(g) == b"yz"
 
 
 @given(chunks=st.lists(st.binary(max_size=2 * LIMIT), max_size=20),
        reads=st.lists(st.integers(0, LIMIT), max_size=20))
 def test_staging_is_a_bounded_fifo(chunks: list[bytes], reads: list[int]) -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     accepted = bytearray()
     delivered = bytearray()
     for i, chunk in enumerate(chunks):
@@ -223,29 +224,29 @@ def test_staging_is_a_bounded_fifo(chunks: list[bytes], reads: list[int]) -> Non
         assert port.staged <= LIMIT
         if i < len(reads):
             k = min(reads[i], port.staged)
-            delivered += port.take_staged(k)
-            port.consumed(k)
-    delivered += drain(port)
+            delivered += g.core.take_staged(g.id, k)
+            g.consume(k)
+    delivered += drain(g)
     assert delivered == accepted
     assert port.counters.bytes_to_guest == len(delivered)
 
 
 def test_take_staged_does_not_consume() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     port.send(b"hello")
-    assert bytes(port.take_staged(3)) == b"hel"
-    assert bytes(port.take_staged(3)) == b"hel"
+    assert bytes(g.core.take_staged(g.id, 3)) == b"hel"
+    assert bytes(g.core.take_staged(g.id, 3)) == b"hel"
     assert port.staged == 5
-    port.consumed(3)
-    assert bytes(port.take_staged(10)) == b"lo"
+    g.consume(3)
+    assert bytes(g.core.take_staged(g.id, 10)) == b"lo"
     assert port.counters.bytes_to_guest == 3
     assert port.counters.buffers_to_guest == 1
 
 
 async def test_wait_writable_blocks_until_consumed() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     assert port.send(b"x" * LIMIT) == LIMIT
     woke = trio.Event()
 
@@ -257,26 +258,26 @@ async def test_wait_writable_blocks_until_consumed() -> None:
         nursery.start_soon(waiter)
         await trio.testing.wait_all_tasks_blocked()
         assert not woke.is_set()
-        port.take_staged(1)
+        g.core.take_staged(g.id, 1)
         await trio.testing.wait_all_tasks_blocked()
         assert not woke.is_set()  # looking is not consuming
-        port.consumed(1)
+        g.consume(1)
         await trio.testing.wait_all_tasks_blocked()
         assert woke.is_set()
     assert port.send(b"yy") == 1
 
 
 async def test_wait_writable_returns_at_once_with_room() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     port.send(b"x" * (LIMIT - 1))
     with trio.fail_after(1):
         await port.wait_writable()
 
 
 async def test_send_all_waits_for_the_guest() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     payload = bytes(range(50))
     received = bytearray()
     async with trio.open_nursery() as nursery:
@@ -291,14 +292,14 @@ async def test_send_all_waits_for_the_guest() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert port.staged <= LIMIT
             k = min(5, port.staged)
-            received += port.take_staged(k)
-            port.consumed(k)
+            received += g.core.take_staged(g.id, k)
+            g.consume(k)
     assert bytes(received) == payload
 
 
 async def test_session_close_wakes_a_blocked_sender() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     port.send(b"x" * LIMIT)
     woke = trio.Event()
 
@@ -310,14 +311,14 @@ async def test_session_close_wakes_a_blocked_sender() -> None:
         nursery.start_soon(waiter)
         await trio.testing.wait_all_tasks_blocked()
         assert not woke.is_set()
-        port.apply(Input.GUEST_CLOSE)
+        g.apply(Input.GUEST_CLOSE)
         await trio.testing.wait_all_tasks_blocked()
         assert woke.is_set()
 
 
 async def test_two_senders_both_woken() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     port.send(b"x" * LIMIT)
     woken: list[str] = []
 
@@ -331,7 +332,7 @@ async def test_two_senders_both_woken() -> None:
         assert port.send(b"y") == 0  # a second producer (another peer) finds it full too
         nursery.start_soon(waiter, "second")
         await trio.testing.wait_all_tasks_blocked()
-        port.consumed(LIMIT)
+        g.consume(LIMIT)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert sorted(woken) == ["first", "second"]
@@ -353,11 +354,11 @@ async def test_two_senders_both_woken() -> None:
 def test_queued_bytes_dropped_as_stale_at_session_end(
     end: Input, reason: str, after: State
 ) -> None:
-    port, be, _ = make()
-    to_state(port, State.A)
+    port, be, g = make()
+    to_state(g, State.A)
     port.send(b"old session")
-    port.take_staged(3)  # the device looked, never delivered
-    port.apply(end)
+    g.core.take_staged(g.id, 3)  # the device looked, never delivered
+    g.apply(end)
     assert port.state is after
     assert port.staged == 0
     assert port.counters.discarded["stale"] == len(b"old session")
@@ -371,39 +372,39 @@ def test_queued_bytes_dropped_as_stale_at_session_end(
         port.host_attach()
     if not port.state.in_session:
         if port.state is State.C:
-            port.apply(Input.GUEST_OPEN)
+            g.apply(Input.GUEST_OPEN)
     assert port.state is State.A and port.session is not None and port.session.id == 2
     assert port.staged == 0
     port.send(b"new")
-    assert drain(port) == b"new"
+    assert drain(g) == b"new"
     assert port.counters.bytes_to_guest == 3
 
 
 def test_stale_drop_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     port.send(b"12345")
     with caplog.at_level(logging.INFO, logger="vhostser.console"):
-        port.apply(Input.GUEST_CLOSE)
+        g.apply(Input.GUEST_CLOSE)
     assert "port 1: 5 queued bytes dropped (stale)" in caplog.text
 
 
 def test_host_detach_keeps_the_sessions_bytes() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     port.send(b"still mine")
     port.host_detach()  # A → D, same session
     assert port.state is State.D
-    assert drain(port) == b"still mine"
+    assert drain(g) == b"still mine"
     assert "stale" not in port.counters.discarded
 
 
 def test_partially_delivered_then_closed_counts_only_the_rest() -> None:
-    port, _, _ = make()
-    to_state(port, State.A)
+    port, _, g = make()
+    to_state(g, State.A)
     port.send(b"abcdef")
-    port.consumed(2)
-    port.apply(Input.GUEST_CLOSE)
+    g.consume(2)
+    g.apply(Input.GUEST_CLOSE)
     assert port.counters.bytes_to_guest == 2
     assert port.counters.discarded["stale"] == 4
 
@@ -416,8 +417,8 @@ def test_partially_delivered_then_closed_counts_only_the_rest() -> None:
     [(State.B, "guest-closed"), (State.C, "guest-closed"), (State.E, "no-session")],
 )
 def test_host_bytes_without_a_session_are_counted(state: State, reason: str) -> None:
-    port, _, _ = make()
-    to_state(port, state)
+    port, _, g = make()
+    to_state(g, state)
     assert port.send(b"x" * (3 * LIMIT)) == 3 * LIMIT  # taken (dropped), never blocks
     assert port.staged == 0
     assert port.counters.discarded == {reason: 3 * LIMIT}
@@ -425,8 +426,8 @@ def test_host_bytes_without_a_session_are_counted(state: State, reason: str) -> 
 
 
 async def test_send_all_without_a_session_does_not_block() -> None:
-    port, _, _ = make()
-    to_state(port, State.C)
+    port, _, g = make()
+    to_state(g, State.C)
     with trio.fail_after(1):
         await port.send_all(b"z" * (10 * LIMIT))
     assert port.counters.discarded["guest-closed"] == 10 * LIMIT
@@ -436,47 +437,47 @@ async def test_send_all_without_a_session_does_not_block() -> None:
 
 
 def test_guest_bytes_in_a_delivered_and_counted() -> None:
-    port, be, _ = make()
-    to_state(port, State.A)
-    assert port.guest_bytes(b"abc")
-    assert port.guest_bytes(b"de")
+    port, be, g = make()
+    to_state(g, State.A)
+    assert g.write_chain(b"abc")
+    assert g.write_chain(b"de")
     assert be.data == {1: bytearray(b"abcde")}
     assert port.counters.bytes_from_guest == 5
     assert port.counters.buffers_from_guest == 2
 
 
 def test_guest_bytes_backend_refuses_then_takes() -> None:
-    port, be, _ = make()
-    to_state(port, State.A)
+    port, be, g = make()
+    to_state(g, State.A)
     be.accept = False
-    assert not port.guest_bytes(b"abc")
+    assert not g.write_chain(b"abc")
     assert port.counters.bytes_from_guest == 0
     assert not port.counters.discarded
     be.accept = True
-    assert port.guest_bytes(b"abc")
+    assert g.write_chain(b"abc")
     assert be.data == {1: bytearray(b"abc")}
     assert port.counters.bytes_from_guest == 3
 
 
 def test_guest_bytes_hold_in_d() -> None:
-    port, be, _ = make(guest_writes_without_host="hold")
-    to_state(port, State.D)
-    assert not port.guest_may_write()
-    assert not port.guest_bytes(b"held")
+    port, be, g = make(guest_writes_without_host="hold")
+    to_state(g, State.D)
+    assert not g.core.guest_may_write(g.id)
+    assert not g.write_chain(b"held")
     assert be.data == {}
     assert not port.counters.discarded
     assert port.counters.bytes_from_guest == 0
     port.host_attach()
-    assert port.guest_may_write()
-    assert port.guest_bytes(b"held")
+    assert g.core.guest_may_write(g.id)
+    assert g.write_chain(b"held")
     assert be.data == {1: bytearray(b"held")}
 
 
 def test_guest_bytes_discard_in_d() -> None:
-    port, be, _ = make(guest_writes_without_host="discard")
-    to_state(port, State.D)
-    assert port.guest_may_write()
-    assert port.guest_bytes(b"gone")
+    port, be, g = make(guest_writes_without_host="discard")
+    to_state(g, State.D)
+    assert g.core.guest_may_write(g.id)
+    assert g.write_chain(b"gone")
     assert be.data == {}
     assert port.counters.discarded["no-host"] == 4
     assert port.counters.bytes_from_guest == 0
@@ -486,10 +487,10 @@ def test_guest_bytes_discard_in_d() -> None:
 @pytest.mark.parametrize("policy", ["hold", "discard"])
 @pytest.mark.parametrize("state", [State.B, State.C, State.E])
 def test_guest_bytes_without_session_dropped(state: State, policy: str) -> None:
-    port, be, _ = make(guest_writes_without_host=policy)
-    to_state(port, state)
-    assert port.guest_may_write()
-    assert port.guest_bytes(b"late")
+    port, be, g = make(guest_writes_without_host=policy)
+    to_state(g, state)
+    assert g.core.guest_may_write(g.id)
+    assert g.write_chain(b"late")
     assert port.counters.discarded == {"no-session": 4}
     assert be.data == {}
 
@@ -497,14 +498,14 @@ def test_guest_bytes_without_session_dropped(state: State, policy: str) -> None:
 @pytest.mark.parametrize("policy", ["hold", "discard"])
 @pytest.mark.parametrize("state", [State.A, State.D])
 def test_console_never_holds(state: State, policy: str) -> None:
-    port, be, _ = make(console=True, guest_writes_without_host=policy)
-    to_state(port, state)
-    assert port.guest_may_write()
-    assert port.guest_bytes(b"boot log")
+    port, be, g = make(console=True, guest_writes_without_host=policy)
+    to_state(g, state)
+    assert g.core.guest_may_write(g.id)
+    assert g.write_chain(b"boot log")
     assert be.data == {1: bytearray(b"boot log")}
     assert port.counters.bytes_from_guest == 8
     be.accept = False
-    assert port.guest_bytes(b"overflow")  # done with, not held
+    assert g.write_chain(b"overflow")  # done with, not held
     assert port.counters.discarded["console-overflow"] == 8
     assert port.counters.bytes_from_guest == 8
     assert port.counters.buffers_from_guest == 1
@@ -513,21 +514,21 @@ def test_console_never_holds(state: State, policy: str) -> None:
 @pytest.mark.parametrize("state", [State.B, State.E])
 def test_console_output_outside_a_session_is_delivered(state: State) -> None:
     # hvc writes (the kernel log) before Linux sends PORT_OPEN for a console port.
-    port, be, _ = make(console=True)
-    to_state(port, state)
-    assert port.guest_bytes(b"xx")
+    port, be, g = make(console=True)
+    to_state(g, state)
+    assert g.write_chain(b"xx")
     assert port.counters.discarded == {}
     assert port.counters.bytes_from_guest == 2
     assert be.data == {0: bytearray(b"xx")}
 
 
 def test_data_goes_to_the_session_it_was_written_in() -> None:
-    port, be, _ = make()
-    to_state(port, State.A)
-    port.guest_bytes(b"one")
-    port.apply(Input.GUEST_CLOSE)
-    port.apply(Input.GUEST_OPEN)
-    port.guest_bytes(b"two")
+    _, be, g = make()
+    to_state(g, State.A)
+    g.write_chain(b"one")
+    g.apply(Input.GUEST_CLOSE)
+    g.apply(Input.GUEST_OPEN)
+    g.write_chain(b"two")
     assert be.data == {1: bytearray(b"one"), 2: bytearray(b"two")}
 
 
@@ -535,50 +536,47 @@ def test_data_goes_to_the_session_it_was_written_in() -> None:
 
 
 def test_first_session_id_and_counting() -> None:
-    port, be, _ = make()
-    port = Port(PortConfig(1), be, [].append, first_session_id=41)
-    port.apply(Input.GUEST_OPEN)
-    port.apply(Input.GUEST_CLOSE)
-    port.apply(Input.GUEST_OPEN)
+    port, be, g = make(ready=True, first_session_id=41)
+    g.apply(Input.GUEST_OPEN)
+    g.apply(Input.GUEST_CLOSE)
+    g.apply(Input.GUEST_OPEN)
     assert be.events == [("open", 41, ""), ("close", 41, "guest-close"), ("open", 42, "")]
     assert port.next_session_id == 43
     assert port.counters.sessions_opened == 2
 
 
 def test_restore_session_replays_open_and_ids_continue() -> None:
-    be = RecordingBackend()
-    port = Port(PortConfig(1, "qga"), be, [].append, first_session_id=8)
-    port.restore_session(7)
+    port, be, g = make(ready=True, name="qga", first_session_id=8)
+    g.restore_session(7)
     assert port.state is State.D
     assert port.session == Session(1, "qga", 7)
     assert be.events == [("open", 7, "")]
     assert port.counters.sessions_opened == 0  # a replay, not a new session
     port.host_attach()
-    assert port.guest_bytes(b"in 7")
-    port.apply(Input.GUEST_CLOSE)
-    port.apply(Input.GUEST_OPEN)
+    assert g.write_chain(b"in 7")
+    g.apply(Input.GUEST_CLOSE)
+    g.apply(Input.GUEST_OPEN)
     assert be.events == [("open", 7, ""), ("close", 7, "guest-close"), ("open", 8, "")]
     assert be.data == {7: bytearray(b"in 7")}
 
 
 def test_restore_session_never_reuses_ids() -> None:
     # A state file whose next id lags the open session (written by an older daemon, say).
-    be = RecordingBackend()
-    port = Port(PortConfig(1), be, [].append, first_session_id=3)
-    port.restore_session(10)
+    port, be, g = make(ready=True, first_session_id=3)
+    g.restore_session(10)
     assert port.next_session_id == 11
-    port.apply(Input.RESET)
-    port.apply(Input.GUEST_OPEN)
+    g.apply(Input.RESET)
+    g.apply(Input.GUEST_OPEN)
     assert be.events[-1] == ("open", 11, "")
 
 
 @pytest.mark.parametrize("state", [State.A, State.C, State.D, State.E])
 def test_restore_only_from_b(state: State) -> None:
-    port, be, _ = make()
-    to_state(port, state)
+    port, be, g = make()
+    to_state(g, state)
     n = len(be.events)
     with pytest.raises(ValueError, match=f"port 1: restore in state {state.name}"):
-        port.restore_session(99)
+        g.restore_session(99)
     assert len(be.events) == n
     assert port.state is state
 
@@ -587,70 +585,69 @@ def test_restore_only_from_b(state: State) -> None:
 
 
 def test_null_backend_takes_everything() -> None:
-    port, _, _ = make(backend=NullBackend())
-    to_state(port, State.A)
-    assert port.guest_bytes(b"x" * 1000)
+    port, _, g = make(backend=NullBackend())
+    to_state(g, State.A)
+    assert g.write_chain(b"x" * 1000)
     assert port.counters.bytes_from_guest == 1000
 
 
 async def test_echo_backend_bounded() -> None:
-    port, _, sent = make(backend=EchoBackend(), ready=True)
+    port, _, g = make(backend=EchoBackend(), ready=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(port.backend.run)
         await trio.testing.wait_all_tasks_blocked()
         assert port.state is State.C
-        assert sent == [control.port_open(1, True)]
-        port.apply(Input.GUEST_OPEN)
-        assert port.guest_bytes(b"a" * 10)
-        assert port.guest_bytes(b"b" * 10)  # 6 bytes fit; the backend holds the other 4
+        assert g.control == [control.port_open(1, True)]
+        g.apply(Input.GUEST_OPEN)
+        assert g.write_chain(b"a" * 10)
+        assert g.write_chain(b"b" * 10)  # 6 bytes fit; the backend holds the other 4
         assert port.staged == LIMIT
-        assert not port.guest_bytes(b"c" * 10)  # one held write at most: the guest waits
+        assert not g.write_chain(b"c" * 10)  # one held write at most: the guest waits
         assert port.counters.bytes_from_guest == 20
-        assert drain(port) == b"a" * 10 + b"b" * 6
+        assert drain(g) == b"a" * 10 + b"b" * 6
         await trio.testing.wait_all_tasks_blocked()
-        assert drain(port) == b"b" * 4
-        assert port.guest_bytes(b"c" * 10)
-        assert drain(port) == b"c" * 10
+        assert drain(g) == b"b" * 4
+        assert g.write_chain(b"c" * 10)
+        assert drain(g) == b"c" * 10
         nursery.cancel_scope.cancel()
 
 
 async def test_echo_backend_resumes_only_when_its_held_bytes_are_sent() -> None:
-    port, _, _ = make(backend=EchoBackend(), ready=True)
+    port, _, g = make(backend=EchoBackend(), ready=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(port.backend.run)
         await trio.testing.wait_all_tasks_blocked()
-        port.apply(Input.GUEST_OPEN)
-        resumed: list[int] = []
-        port.poke_tx = lambda: resumed.append(1)
-        assert port.guest_bytes(b"a" * 10)
-        assert port.guest_bytes(b"b" * 10)
-        assert not port.guest_bytes(b"c" * 10)
+        g.apply(Input.GUEST_OPEN)
+        before = g.pokes["tx"]
+        assert g.write_chain(b"a" * 10)
+        assert g.write_chain(b"b" * 10)
+        assert not g.write_chain(b"c" * 10)
         await trio.testing.wait_all_tasks_blocked()
-        assert resumed == []  # the 4 held bytes cannot be staged yet
-        drain(port)
+        assert g.pokes["tx"] == before  # the 4 held bytes cannot be staged yet
+        drain(g)
         await trio.testing.wait_all_tasks_blocked()
-        assert resumed == [1]
+        assert g.pokes["tx"] == before + 1
         nursery.cancel_scope.cancel()
 
 
 async def test_echo_backend_takes_a_chain_longer_than_staging() -> None:
-    port, _, _ = make(backend=EchoBackend(), ready=True)
+    port, _, g = make(backend=EchoBackend(), ready=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(port.backend.run)
         await trio.testing.wait_all_tasks_blocked()
-        port.apply(Input.GUEST_OPEN)
+        g.apply(Input.GUEST_OPEN)
         chain = bytes(range(LIMIT + 4))
         echoed = bytearray()
         taken = False
         for _ in range(5):
-            taken = port.guest_bytes(chain)
-            echoed += drain(port)
+            taken = g.write_chain(chain)
+            echoed += drain(g)
             await trio.testing.wait_all_tasks_blocked()
             if taken:
                 break
-        echoed += drain(port)
+        echoed += drain(g)
         await trio.testing.wait_all_tasks_blocked()
-        echoed += drain(port)
+        echoed += drain(g)
         nursery.cancel_scope.cancel()
     assert taken
     assert bytes(echoed) == chain
@@ -663,7 +660,7 @@ def test_backend_sees_reason_objects() -> None:
         def session_closed(self, session: Session, reason: Reason) -> None:
             seen.append((session, reason))
 
-    port, _, _ = make(backend=Backend())
-    to_state(port, State.D)
-    port.apply(Input.FRONTEND_GONE)
+    _, _, g = make(backend=Backend())
+    to_state(g, State.D)
+    g.apply(Input.FRONTEND_GONE)
     assert seen == [(Session(1, "", 1), Reason.FRONTEND_GONE)]

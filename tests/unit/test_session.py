@@ -20,19 +20,19 @@ from hypothesis.stateful import (
 )
 
 from vhostser.backends.simple import RecordingBackend
-from vhostser.console import control
+from vhostser.console import PortConfig, control
 from vhostser.console.control import ControlMessage, Event
-from vhostser.console.port import Port, PortConfig
 from vhostser.console.session import (
     TABLE,
     Effect,
     Input,
     Reason,
     SessionError,
+    SessionStep,
     State,
-    Step,
     transition,
 )
+from vhostser.testing.port_guest import PortGuest
 
 S, X = State, Effect
 ALL_PAIRS = list(itertools.product(State, Input))
@@ -77,7 +77,7 @@ def test_table_is_complete_and_nothing_else() -> None:
 def test_transition_returns_the_table_entry(pair: tuple[State, Input]) -> None:
     step = transition(*pair)
     assert step is TABLE[pair]
-    assert isinstance(step, Step)
+    assert isinstance(step, SessionStep)
 
 
 def test_missing_pair_is_a_session_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,7 +179,7 @@ def test_session_open_iff_state_in_a_or_d_on_shutdown(pair: tuple[State, Input])
 def test_named_transitions(
     old: State, inp: Input, new: State, effects: tuple[Effect, ...], reason: Reason | None
 ) -> None:
-    assert transition(old, inp) == Step(new, effects, reason)
+    assert transition(old, inp) == SessionStep(new, effects, reason)
 
 
 # ------------------------------------------------------------------------ driving a real Port
@@ -190,34 +190,35 @@ def open_events(backend: RecordingBackend) -> list[int]:
 
 
 def test_freeze_restore_port_open_is_redundant_same_session() -> None:
-    sent: list[ControlMessage] = []
     backend = RecordingBackend()
-    port = Port(PortConfig(1, "p"), backend, sent.append)
-    port.announce()
+    g = PortGuest(backend, PortConfig(1, "p"), ready=False)
+    port = g.port
+    g.set_up()
     port.host_attach()
-    port.apply(Input.GUEST_OPEN)
+    g.apply(Input.GUEST_OPEN)
     session = port.session
     assert session is not None and session.id == 1
-    sent.clear()
+    g.control.clear()
     # After restore Linux re-sends PORT_READY, then PORT_OPEN(1).
-    port.announce()
-    port.apply(Input.GUEST_OPEN)
-    assert port.session is session
+    g.set_up()
+    g.apply(Input.GUEST_OPEN)
+    assert port.session == session
     assert port.state is S.A
     assert port.counters.redundant_events == 1
     assert port.counters.sessions_opened == 1
     assert backend.events == [("open", 1, "")]
-    assert sent == [control.port_name(1, "p"), control.port_open(1, True)]
+    assert g.control == [control.port_name(1, "p"), control.port_open(1, True)]
 
 
 def test_reset_from_a_and_d_closes_with_reason_reset() -> None:
     backend = RecordingBackend()
-    port = Port(PortConfig(1), backend, [].append)
-    port.apply(Input.GUEST_OPEN)  # D
-    port.apply(Input.RESET)
+    g = PortGuest(backend, PortConfig(1), ready=False)
+    port = g.port
+    g.apply(Input.GUEST_OPEN)  # D
+    g.apply(Input.RESET)
     port.host_attach()
-    port.apply(Input.GUEST_OPEN)  # A
-    port.apply(Input.RESET)
+    g.apply(Input.GUEST_OPEN)  # A
+    g.apply(Input.RESET)
     assert backend.events == [
         ("open", 1, ""), ("close", 1, "reset"), ("open", 2, ""), ("close", 2, "reset"),
     ]
@@ -226,45 +227,43 @@ def test_reset_from_a_and_d_closes_with_reason_reset() -> None:
 
 
 def test_host_end_from_a_tells_guest_closed_and_closes_host_close() -> None:
-    sent: list[ControlMessage] = []
     backend = RecordingBackend()
-    port = Port(PortConfig(2), backend, sent.append)
-    port.announce()
+    g = PortGuest(backend, PortConfig(2))
+    port = g.port
     port.host_attach()
-    port.apply(Input.GUEST_OPEN)
-    sent.clear()
+    g.apply(Input.GUEST_OPEN)
+    g.control.clear()
     port.end_session()
     assert port.state is S.E
     assert port.session is None
-    assert sent == [ControlMessage(2, Event.PORT_OPEN, 0)]
+    assert g.control == [ControlMessage(2, Event.PORT_OPEN, 0)]
     assert backend.events[-1] == ("close", 1, "host-close")
 
 
 def test_e_plus_host_open_starts_a_new_session() -> None:
-    sent: list[ControlMessage] = []
     backend = RecordingBackend()
-    port = Port(PortConfig(2), backend, sent.append)
-    port.announce()
+    g = PortGuest(backend, PortConfig(2))
+    port = g.port
     port.host_attach()
-    port.apply(Input.GUEST_OPEN)
+    g.apply(Input.GUEST_OPEN)
     port.end_session()
-    sent.clear()
+    g.control.clear()
     port.host_attach()
     assert port.state is S.A
     assert port.session is not None and port.session.id == 2
-    assert sent == [control.port_open(2, True)]
+    assert g.control == [control.port_open(2, True)]
     assert backend.events == [("open", 1, ""), ("close", 1, "host-close"), ("open", 2, "")]
 
 
 @pytest.mark.parametrize("late", [Input.GUEST_CLOSE, Input.SHUTDOWN, Input.RESET, Input.HOST_END])
 def test_input_after_shutdown_is_defined(late: Input) -> None:
     backend = RecordingBackend()
-    port = Port(PortConfig(1), backend, [].append)
-    port.host_attach()
-    port.apply(Input.GUEST_OPEN)
-    port.apply(Input.SHUTDOWN)
+    g = PortGuest(backend, PortConfig(1))
+    g.port.host_attach()
+    g.apply(Input.GUEST_OPEN)
+    g.apply(Input.SHUTDOWN)
     assert backend.events == [("open", 1, ""), ("close", 1, "shutdown")]
-    port.apply(late)  # must not raise
+    g.apply(late)  # must not raise
     assert backend.events == [("open", 1, ""), ("close", 1, "shutdown")]
 
 
@@ -280,36 +279,57 @@ class PortSessions(RuleBasedStateMachine):
 
     @initialize(first=st.integers(1, 1000), ready=st.booleans())
     def make_port(self, first: int, ready: bool) -> None:
-        self.sent: list[ControlMessage] = []
         self.new_ids: list[int] = []  # ids of sessions opened, across restarts
-        self.new_port(first)
-        if ready:
-            self.port.announce()
-        self.sent.clear()
+        self.new_port(first, ready)
 
-    def new_port(self, first: int) -> None:
+    def new_port(self, first: int, ready: bool = False) -> None:
         self.replayed = 0
         self.backend = RecordingBackend()
-        self.port = Port(PortConfig(4, "x"), self.backend, self.sent.append,
-                         first_session_id=first)
+        self.guest = PortGuest(self.backend, PortConfig(4, "x"), ready=ready,
+                               first_session_id=first)
+        self.port = self.guest.port
+        self.sent = self.guest.control
+        self.sent.clear()
 
     def feed(self, inp: Input) -> None:
         port = self.port
+        guest, control_ = self.guest, self.guest.control
         if port.removed:
             # A removed port is inert: a backend winding down changes nothing any more.
-            before = (port.state, port.session, len(self.sent), len(self.backend.events))
-            port.apply(inp)
-            assert (port.state, port.session, len(self.sent), len(self.backend.events)) == before
+            before = (port.state, port.session, len(control_), len(self.backend.events))
+            guest.apply(inp)
+            after = (port.state, port.session, len(guest.control), len(self.backend.events))
+            # A reset re-announces the ports the device has: this one is not among them.
+            assert after == before
             return
         old, old_session = port.state, port.session
         old_ready = port.guest_ready
-        n_sent, n_events = len(self.sent), len(self.backend.events)
-        port.apply(inp)
+        n_sent, n_events = len(control_), len(self.backend.events)
+        bad_before = guest.core.state.counters.bad_control
+        if inp in (Input.GUEST_OPEN, Input.GUEST_CLOSE):
+            # Raw, as the guest sends it: not setting the port up first.
+            guest.control_from_guest(control.port_open(4, inp is Input.GUEST_OPEN))
+        else:
+            guest.apply(inp)
+        sent = guest.control[n_sent:]
+        if inp in (Input.GUEST_OPEN, Input.GUEST_CLOSE) and not old_ready:
+            # The handshake refuses a PORT_OPEN before PORT_READY: nothing changes.
+            assert guest.core.state.counters.bad_control == bad_before + 1
+            assert (port.state, port.session, sent) == (old, old_session, [])
+            assert self.backend.events[n_events:] == []
+            return
         step = TABLE[(old, inp)]
         new = port.state
         assert new is step.state
         events = self.backend.events[n_events:]
-        sent = self.sent[n_sent:]
+        if inp is Input.RESET:
+            # The driver that initialised the device again learns of the port again.
+            assert sent[:1] == [control.device_add(4)]
+            sent = sent[1:]
+        if inp is Input.REMOVE and old_ready:
+            # The guest set the port up: it hears that it is gone.
+            assert sent[-1:] == [control.device_remove(4)]
+            sent = sent[:-1]
         # OPEN only when no session was open, CLOSE only when one was; every close has a reason
         opens = [e for e in events if e[0] == "open"]
         closes = [e for e in events if e[0] == "close"]
@@ -324,7 +344,7 @@ class PortSessions(RuleBasedStateMachine):
             assert step.reason is not None and closes[0][2] == step.reason.value
             assert closes[0][2] in {r.value for r in Reason}
         if old_session is not None and not closes:
-            assert port.session is old_session  # the same session, no new id
+            assert port.session == old_session  # the same session, no new id
         # TELL_GUEST_* only when H changes, and only to a guest that announced the port
         tells = [m for m in sent if m.event is Event.PORT_OPEN]
         assert sent == tells
@@ -343,12 +363,14 @@ class PortSessions(RuleBasedStateMachine):
 
     @rule()
     def announce(self) -> None:
-        n = len(self.sent)
-        self.port.announce()
+        n = len(self.guest.control)
+        self.guest.set_up()
         expect = [control.port_name(4, "x")]
         if self.port.state.host_open:
             expect.append(control.port_open(4, True))
-        assert self.sent[n:] == expect
+        if self.port.removed:
+            expect = []
+        assert self.guest.control[n:] == expect
 
     @rule()
     def restart(self) -> None:
@@ -361,7 +383,7 @@ class PortSessions(RuleBasedStateMachine):
             assert self.backend.events[-1] == ("close", session.id, "shutdown")
         self.new_port(next_id)
         if session is not None:
-            self.port.restore_session(session.id)
+            self.guest.restore_session(session.id)
             self.replayed = 1
             assert self.port.state is S.D
             assert self.port.session is not None and self.port.session.id == session.id

@@ -1,5 +1,2 @@
-"""Spice-style per-port backends and the interface they implement."""
-
-from .base import PortBackend, Session
-
-__all__ = ["PortBackend", "Session"]
+"""Spice-style per-port backends; the interface they implement is the console's
+(`vhostser.console.port`)."""

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn, Self, TypeVar
 
-from .base import PortBackend
+from ..console.port import PortBackend
 
 T = TypeVar("T", bound=str)
 

@@ -46,8 +46,8 @@ from typing import Any, Literal, Protocol, Self, cast
 
 import trio
 
+from ..console.port import Session
 from ..console.session import Reason, State
-from .base import Session
 from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
 from .options import ConfigurableBackend, Options
 

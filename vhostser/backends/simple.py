@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import trio
 
+from ..console.port import PortBackend, Session
 from ..console.session import Reason
-from .base import PortBackend, Session
 
 
 class NullBackend(PortBackend):

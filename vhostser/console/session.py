@@ -80,77 +80,76 @@ class SessionError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class SessionStep:
     state: State
     effects: tuple[Effect, ...] = ()
     reason: Reason | None = None  # set with CLOSE_SESSION
 
 
-S, In, X = State, Input, Effect
-_OPEN, _CLOSE = X.OPEN_SESSION, X.CLOSE_SESSION
-_TELL1, _TELL0, _NOP = X.TELL_GUEST_OPEN, X.TELL_GUEST_CLOSED, X.REDUNDANT
+_OPEN, _CLOSE = Effect.OPEN_SESSION, Effect.CLOSE_SESSION
+_TELL1, _TELL0, _NOP = Effect.TELL_GUEST_OPEN, Effect.TELL_GUEST_CLOSED, Effect.REDUNDANT
 
 
-def _closed(state: State, reason: Reason, *extra: Effect) -> Step:
-    return Step(state, (*extra, _CLOSE), reason)
+def _closed(state: State, reason: Reason, *extra: Effect) -> SessionStep:
+    return SessionStep(state, (*extra, _CLOSE), reason)
 
 
 # REMOVE leads to B: the port object is dropped by the caller afterwards.
-TABLE: dict[tuple[State, Input], Step] = {
+TABLE: dict[tuple[State, Input], SessionStep] = {
     # B: nobody
-    (S.B, In.GUEST_OPEN): Step(S.D, (_OPEN,)),
-    (S.B, In.GUEST_CLOSE): Step(S.B, (_NOP,)),
-    (S.B, In.HOST_OPEN): Step(S.C, (_TELL1,)),
-    (S.B, In.HOST_CLOSE): Step(S.B, (_NOP,)),
-    (S.B, In.HOST_END): Step(S.B, (_NOP,)),
-    (S.B, In.RESET): Step(S.B),
-    (S.B, In.REMOVE): Step(S.B),
-    (S.B, In.FRONTEND_GONE): Step(S.B),
-    (S.B, In.SHUTDOWN): Step(S.B),
+    (State.B, Input.GUEST_OPEN): SessionStep(State.D, (_OPEN,)),
+    (State.B, Input.GUEST_CLOSE): SessionStep(State.B, (_NOP,)),
+    (State.B, Input.HOST_OPEN): SessionStep(State.C, (_TELL1,)),
+    (State.B, Input.HOST_CLOSE): SessionStep(State.B, (_NOP,)),
+    (State.B, Input.HOST_END): SessionStep(State.B, (_NOP,)),
+    (State.B, Input.RESET): SessionStep(State.B),
+    (State.B, Input.REMOVE): SessionStep(State.B),
+    (State.B, Input.FRONTEND_GONE): SessionStep(State.B),
+    (State.B, Input.SHUTDOWN): SessionStep(State.B),
     # C: host peer waiting for the guest
-    (S.C, In.GUEST_OPEN): Step(S.A, (_OPEN,)),
-    (S.C, In.GUEST_CLOSE): Step(S.C, (_NOP,)),
-    (S.C, In.HOST_OPEN): Step(S.C, (_NOP,)),
-    (S.C, In.HOST_CLOSE): Step(S.B, (_TELL0,)),
-    (S.C, In.HOST_END): Step(S.B, (_TELL0,)),
-    (S.C, In.RESET): Step(S.C),
-    (S.C, In.REMOVE): Step(S.B),
-    (S.C, In.FRONTEND_GONE): Step(S.C),
-    (S.C, In.SHUTDOWN): Step(S.C),
+    (State.C, Input.GUEST_OPEN): SessionStep(State.A, (_OPEN,)),
+    (State.C, Input.GUEST_CLOSE): SessionStep(State.C, (_NOP,)),
+    (State.C, Input.HOST_OPEN): SessionStep(State.C, (_NOP,)),
+    (State.C, Input.HOST_CLOSE): SessionStep(State.B, (_TELL0,)),
+    (State.C, Input.HOST_END): SessionStep(State.B, (_TELL0,)),
+    (State.C, Input.RESET): SessionStep(State.C),
+    (State.C, Input.REMOVE): SessionStep(State.B),
+    (State.C, Input.FRONTEND_GONE): SessionStep(State.C),
+    (State.C, Input.SHUTDOWN): SessionStep(State.C),
     # D: guest open, no host peer (its writes are held or discarded, per port policy)
-    (S.D, In.GUEST_OPEN): Step(S.D, (_NOP,)),
-    (S.D, In.GUEST_CLOSE): _closed(S.B, Reason.GUEST_CLOSE),
-    (S.D, In.HOST_OPEN): Step(S.A, (_TELL1,)),
-    (S.D, In.HOST_CLOSE): Step(S.D, (_NOP,)),
-    (S.D, In.HOST_END): _closed(S.E, Reason.HOST_CLOSE),
-    (S.D, In.RESET): _closed(S.B, Reason.RESET),
-    (S.D, In.REMOVE): _closed(S.B, Reason.PORT_REMOVED),
-    (S.D, In.FRONTEND_GONE): _closed(S.B, Reason.FRONTEND_GONE),
-    (S.D, In.SHUTDOWN): _closed(S.E, Reason.SHUTDOWN),
+    (State.D, Input.GUEST_OPEN): SessionStep(State.D, (_NOP,)),
+    (State.D, Input.GUEST_CLOSE): _closed(State.B, Reason.GUEST_CLOSE),
+    (State.D, Input.HOST_OPEN): SessionStep(State.A, (_TELL1,)),
+    (State.D, Input.HOST_CLOSE): SessionStep(State.D, (_NOP,)),
+    (State.D, Input.HOST_END): _closed(State.E, Reason.HOST_CLOSE),
+    (State.D, Input.RESET): _closed(State.B, Reason.RESET),
+    (State.D, Input.REMOVE): _closed(State.B, Reason.PORT_REMOVED),
+    (State.D, Input.FRONTEND_GONE): _closed(State.B, Reason.FRONTEND_GONE),
+    (State.D, Input.SHUTDOWN): _closed(State.E, Reason.SHUTDOWN),
     # A: both sides open
-    (S.A, In.GUEST_OPEN): Step(S.A, (_NOP,)),
-    (S.A, In.GUEST_CLOSE): _closed(S.C, Reason.GUEST_CLOSE),
-    (S.A, In.HOST_OPEN): Step(S.A, (_NOP,)),
-    (S.A, In.HOST_CLOSE): Step(S.D, (_TELL0,)),
-    (S.A, In.HOST_END): _closed(S.E, Reason.HOST_CLOSE, _TELL0),
-    (S.A, In.RESET): _closed(S.C, Reason.RESET),
-    (S.A, In.REMOVE): _closed(S.B, Reason.PORT_REMOVED),
-    (S.A, In.FRONTEND_GONE): _closed(S.C, Reason.FRONTEND_GONE),
-    (S.A, In.SHUTDOWN): _closed(S.E, Reason.SHUTDOWN, _TELL0),
+    (State.A, Input.GUEST_OPEN): SessionStep(State.A, (_NOP,)),
+    (State.A, Input.GUEST_CLOSE): _closed(State.C, Reason.GUEST_CLOSE),
+    (State.A, Input.HOST_OPEN): SessionStep(State.A, (_NOP,)),
+    (State.A, Input.HOST_CLOSE): SessionStep(State.D, (_TELL0,)),
+    (State.A, Input.HOST_END): _closed(State.E, Reason.HOST_CLOSE, _TELL0),
+    (State.A, Input.RESET): _closed(State.C, Reason.RESET),
+    (State.A, Input.REMOVE): _closed(State.B, Reason.PORT_REMOVED),
+    (State.A, Input.FRONTEND_GONE): _closed(State.C, Reason.FRONTEND_GONE),
+    (State.A, Input.SHUTDOWN): _closed(State.E, Reason.SHUTDOWN, _TELL0),
     # E: the host ended the session; the guest still holds the port open
-    (S.E, In.GUEST_OPEN): Step(S.E, (_NOP,)),
-    (S.E, In.GUEST_CLOSE): Step(S.B),
-    (S.E, In.HOST_OPEN): Step(S.A, (_TELL1, _OPEN)),
-    (S.E, In.HOST_CLOSE): Step(S.E, (_NOP,)),
-    (S.E, In.HOST_END): Step(S.E, (_NOP,)),
-    (S.E, In.RESET): Step(S.B),
-    (S.E, In.REMOVE): Step(S.B),
-    (S.E, In.FRONTEND_GONE): Step(S.B),
-    (S.E, In.SHUTDOWN): Step(S.E),
+    (State.E, Input.GUEST_OPEN): SessionStep(State.E, (_NOP,)),
+    (State.E, Input.GUEST_CLOSE): SessionStep(State.B),
+    (State.E, Input.HOST_OPEN): SessionStep(State.A, (_TELL1, _OPEN)),
+    (State.E, Input.HOST_CLOSE): SessionStep(State.E, (_NOP,)),
+    (State.E, Input.HOST_END): SessionStep(State.E, (_NOP,)),
+    (State.E, Input.RESET): SessionStep(State.B),
+    (State.E, Input.REMOVE): SessionStep(State.B),
+    (State.E, Input.FRONTEND_GONE): SessionStep(State.B),
+    (State.E, Input.SHUTDOWN): SessionStep(State.E),
 }
 
 
-def transition(state: State, event: Input) -> Step:
+def transition(state: State, event: Input) -> SessionStep:
     try:
         return TABLE[(state, event)]
     except KeyError:

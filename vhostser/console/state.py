@@ -1,0 +1,277 @@
+"""The console device's whole state, as plain data with one owner (`ConsoleCore`).
+
+Everything the device knows of the guest and its ports is here: the negotiated features and
+status, whether the guest driver is up, the control messages waiting for a guest buffer, and
+per port its config, where its control handshake stands, its session state (G/H, the open
+session's id, the next id), the host bytes staged for the guest and its counters. No trio, no
+fds, no backend objects: `to_dict`/`from_dict` turn it into JSON-able data and back, which is
+what a restarted daemon or a migration destination resumes from.
+
+Not here, on purpose: chains taken from the rings. A tx chain held while its port's backend
+cannot take the bytes is given back to its ring when the ring stops, so it is the ring's
+position (the vhost-user layer's state) that carries it.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from .control import HEADER, ControlMessage, Event
+from .handshake import Announce
+from .session import State
+
+GuestWritePolicy = Literal["hold", "discard"]
+DEFAULT_STAGING = 64 * 1024
+MAX_PORTS = 31  # virtio-console's multiport limit as QEMU's num_vqs allows (2 * 31 + 2)
+VERSION = 1
+
+
+class StateError(ValueError):
+    """A serialized device state that is not one this version can resume."""
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One guest open of a port. Ids are monotonic per port and never reused."""
+
+    port_id: int
+    port_name: str
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PortConfig:
+    """What a port is: from the per-VM config file or the hotplug API."""
+
+    id: int
+    name: str = ""
+    console: bool = False
+    # Guest writes while no host peer is attached: `hold` blocks the guest's write,
+    # `discard` drops the bytes (counted).
+    guest_writes_without_host: GuestWritePolicy = "hold"
+    staging_limit: int = DEFAULT_STAGING
+
+
+@dataclass
+class PortCounters:
+    """Per-port counters, readable through the API."""
+
+    bytes_to_guest: int = 0
+    buffers_to_guest: int = 0
+    bytes_from_guest: int = 0
+    buffers_from_guest: int = 0
+    sessions_opened: int = 0
+    resets_seen: int = 0
+    redundant_events: int = 0
+    # bytes dropped, by reason: guest-closed (host→guest while ¬G), no-host (guest→host with
+    # the discard policy), stale (queued for a session that ended), console-overflow,
+    # no-session (guest wrote after the host ended its session)
+    discarded: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, object]:
+        d = {k: v for k, v in vars(self).items() if k != "discarded"}
+        d["discarded"] = dict(self.discarded)
+        return d
+
+
+@dataclass
+class PortState:
+    config: PortConfig
+    session: State = State.B
+    announce: Announce = Announce.UNKNOWN
+    session_id: int | None = None  # the open session (states A and D)
+    next_session_id: int = 1
+    staging: bytearray = field(default_factory=bytearray)  # host bytes for the guest
+    counters: PortCounters = field(default_factory=PortCounters)
+
+    @property
+    def guest_ready(self) -> bool:
+        """The guest answered DEVICE_ADD with PORT_READY(1)."""
+        return self.announce is Announce.READY
+
+    @property
+    def current_session(self) -> Session | None:
+        if self.session_id is None:
+            return None
+        return Session(self.config.id, self.config.name, self.session_id)
+
+
+@dataclass
+class DeviceCounters:
+    control_from_guest: int = 0
+    control_to_guest: int = 0
+    control_overflow: int = 0  # control messages dropped because MAX_PENDING_CONTROL was hit
+    bad_control: int = 0  # unparsable, unknown port, out of order
+    device_ready: int = 0
+    bytes_on_missing_ports: int = 0
+    backend_failures: int = 0
+    bad_chains: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+@dataclass
+class DeviceState:
+    max_ports: int
+    cols: int = 80
+    rows: int = 25
+    resize_rows_first: bool = False
+    acked_features: int = 0
+    status: int = 0
+    driver_ready: bool = False  # the guest sent DEVICE_READY(1) since the last reset
+    control_out: deque[ControlMessage] = field(default_factory=deque)
+    ports: dict[int, PortState] = field(default_factory=dict)
+    counters: DeviceCounters = field(default_factory=DeviceCounters)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: ints, strings, bools, lists and dicts only."""
+        return {
+            "version": VERSION,
+            "max_ports": self.max_ports,
+            "cols": self.cols,
+            "rows": self.rows,
+            "resize_rows_first": self.resize_rows_first,
+            "acked_features": self.acked_features,
+            "status": self.status,
+            "driver_ready": self.driver_ready,
+            "control_out": [_b64(m.pack()) for m in self.control_out],
+            "ports": {str(pid): _port_to_dict(p) for pid, p in sorted(self.ports.items())},
+            "counters": asdict(self.counters),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> DeviceState:
+        """The state `to_dict` made; StateError names what does not fit."""
+        r = _Fields(doc, "device state")
+        if r.get("version", int) != VERSION:
+            raise StateError(f"device state version {doc.get('version')!r}, this daemon "
+                             f"resumes version {VERSION}")
+        max_ports = r.get("max_ports", int)
+        if not 1 <= max_ports <= MAX_PORTS:
+            raise StateError(f"device state: max_ports {max_ports} not in 1..{MAX_PORTS}")
+        state = cls(
+            max_ports=max_ports,
+            cols=r.get("cols", int),
+            rows=r.get("rows", int),
+            resize_rows_first=r.get("resize_rows_first", bool),
+            acked_features=r.get("acked_features", int),
+            status=r.get("status", int),
+            driver_ready=r.get("driver_ready", bool),
+            counters=_counters(DeviceCounters, r.get("counters", dict), "device counters"),
+        )
+        for i, raw in enumerate(r.get("control_out", list)):
+            state.control_out.append(_control(raw, f"control_out[{i}]"))
+        for key, value in r.get("ports", dict).items():
+            port = _port_from_dict(value, f"port {key}")
+            if str(port.config.id) != key or port.config.id >= max_ports:
+                raise StateError(f"device state: port {key} has id {port.config.id}")
+            state.ports[port.config.id] = port
+        return state
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(text.encode(), validate=True)
+    except ValueError:
+        raise StateError(f"device state: {where}: not base64") from None
+
+
+def _port_to_dict(p: PortState) -> dict[str, Any]:
+    return {
+        "config": asdict(p.config),
+        "session": p.session.value,
+        "announce": p.announce.value,
+        "session_id": p.session_id,
+        "next_session_id": p.next_session_id,
+        "staging": _b64(bytes(p.staging)),
+        "counters": p.counters.as_dict(),
+    }
+
+
+class _Fields:
+    """Typed reads from one dict of a serialized state, with errors naming the field."""
+
+    def __init__(self, doc: Any, where: str) -> None:
+        if not isinstance(doc, dict):
+            raise StateError(f"{where}: expected an object, got {type(doc).__name__}")
+        self.doc, self.where = doc, where
+
+    def get(self, key: str, kind: type, *, optional: bool = False) -> Any:
+        value = self.doc.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise StateError(f"{self.where}: {key}: expected {kind.__name__}, got {value!r}")
+        return value
+
+
+def _control(raw: Any, where: str) -> ControlMessage:
+    if not isinstance(raw, str):
+        raise StateError(f"device state: {where}: expected base64 text")
+    data = _unb64(raw, where)
+    if len(data) < HEADER.size:
+        raise StateError(f"device state: {where}: {len(data)} bytes, need {HEADER.size}")
+    id_, event, value = HEADER.unpack_from(data)
+    try:
+        return ControlMessage(id_, Event(event), value, data[HEADER.size:])
+    except ValueError:
+        raise StateError(f"device state: {where}: unknown event {event}") from None
+
+
+def _counters(cls: type[Any], doc: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    if not set(doc) <= known:
+        raise StateError(f"device state: {where}: unknown counters {sorted(set(doc) - known)}")
+    out = cls()
+    for key, value in doc.items():
+        if key in ("discarded", "bad_chains"):
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) for k, v in value.items()
+            ):
+                raise StateError(f"device state: {where}: {key}: expected counts by reason")
+            setattr(out, key, Counter(value) if key == "discarded" else dict(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            setattr(out, key, value)
+        else:
+            raise StateError(f"device state: {where}: {key}: expected a count, got {value!r}")
+    return out
+
+
+def _port_from_dict(doc: Any, where: str) -> PortState:
+    r = _Fields(doc, f"device state: {where}")
+    c = _Fields(r.get("config", dict), f"device state: {where}: config")
+    policy = c.get("guest_writes_without_host", str)
+    if policy not in ("hold", "discard"):
+        raise StateError(f"device state: {where}: guest_writes_without_host {policy!r}")
+    config = PortConfig(
+        id=c.get("id", int), name=c.get("name", str), console=c.get("console", bool),
+        guest_writes_without_host=policy, staging_limit=c.get("staging_limit", int),
+    )
+    try:
+        session, announce = State(r.get("session", str)), Announce(r.get("announce", str))
+    except ValueError as e:
+        raise StateError(f"device state: {where}: {e}") from None
+    session_id = r.get("session_id", int, optional=True)
+    next_id = r.get("next_session_id", int)
+    if session.in_session != (session_id is not None) or next_id < 1 or (
+        session_id is not None and not 1 <= session_id < next_id
+    ):
+        raise StateError(f"device state: {where}: session {session.name} with id "
+                         f"{session_id!r} and next id {next_id}")
+    staging = bytearray(_unb64(r.get("staging", str), f"{where}: staging"))
+    if len(staging) > config.staging_limit:
+        raise StateError(f"device state: {where}: {len(staging)} staged bytes over the "
+                         f"port's limit {config.staging_limit}")
+    return PortState(
+        config=config, session=session, announce=announce, session_id=session_id,
+        next_session_id=next_id, staging=staging,
+        counters=_counters(PortCounters, r.get("counters", dict), f"{where} counters"),
+    )

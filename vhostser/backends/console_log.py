@@ -29,8 +29,9 @@ from typing import Any, Self
 
 import trio
 
+from ..options import Options
 from .file import FileSink
-from .options import ConfigurableBackend, Options
+from .options import ConfigurableBackend
 from .peers import READ_CHUNK, Peer
 from .unix import UnixEndpoint
 

@@ -29,7 +29,8 @@ from typing import Any, Literal, Self
 
 import trio
 
-from .options import ConfigurableBackend, Options
+from ..options import Options
+from .options import ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 
@@ -171,7 +172,7 @@ class FileSink:
 
 
 def read_attach(o: Options) -> Attach:
-    value = o.options.get("attach", "auto")
+    value = o.table.get("attach", "auto")
     if value is True or value is False or value == "auto":
         return value  # type: ignore[no-any-return]
     o.fail("attach", 'true, false or "auto"', value)

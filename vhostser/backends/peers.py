@@ -47,9 +47,10 @@ from typing import Any, Literal, Protocol, Self, cast
 import trio
 
 from ..console.session import Reason, State
+from ..options import Options
 from .base import Session
 from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
-from .options import ConfigurableBackend, Options
+from .options import ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 

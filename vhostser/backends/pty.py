@@ -27,7 +27,8 @@ from typing import Any, Self
 
 import trio
 
-from .options import ConfigurableBackend, Options
+from ..options import Options
+from .options import ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 

@@ -11,15 +11,16 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Self
 
+from ..options import OptionError, Options
 from .console_log import ConsoleBackend
 from .file import FileBackend
-from .options import ConfigurableBackend, OptionError, Options
+from .options import ConfigurableBackend
 from .pty import PtyBackend
 from .simple import EchoBackend, NullBackend, SinkBackend
 from .tcp import TcpBackend
 from .unix import UnixBackend
 
-__all__ = ["BACKENDS", "ConfigurableBackend", "OptionError", "create"]
+__all__ = ["BACKENDS", "create"]
 
 
 class _NoOptions(ConfigurableBackend):

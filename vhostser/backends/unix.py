@@ -24,7 +24,7 @@ from typing import Any, Self
 
 import trio
 
-from .options import Options
+from ..options import Options
 from .peers import PEER_OPTION_KEYS, PeerBackend, PeerOptions
 
 log = logging.getLogger("vhostser.backends")

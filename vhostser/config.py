@@ -28,11 +28,12 @@ import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .backends import registry
 from .backends.base import PortBackend
-from .backends.registry import BACKENDS
 from .console.port import DEFAULT_STAGING, PortConfig
 from .options import OptionError, Options
 
@@ -161,12 +162,11 @@ def _port(source: str, where: str, table: object, max_ports: int) -> PortSpec:
         staging_limit=r.integer("staging", DEFAULT_STAGING, lo=4096, hi=64 << 20),
     )
     backend = dict(r.required("backend", dict))
-    btype = backend.pop("type", None)
-    if not isinstance(btype, str) or btype not in BACKENDS:
-        r.fail("backend.type", f"one of {', '.join(sorted(BACKENDS))}", btype)
-    cls, bwhere = BACKENDS[btype], f"{r.where}.backend"
-    cls.from_options(backend, bwhere)  # validates; makes no sockets or files
-    return PortSpec(config, btype, backend, lambda: cls.from_options(backend, bwhere))
+    bwhere = f"{r.where}.backend"
+    btype = registry.backend_type(backend.pop("type", None), bwhere)
+    make_backend = partial(registry.create, btype, backend, bwhere)
+    make_backend()  # validates now; makes no sockets or files
+    return PortSpec(config, btype, backend, make_backend)
 
 
 def load(path: str | os.PathLike[str]) -> VMConfig:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .config import ConfigError, _port
+from .config import ConfigError, load, parse_port
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -64,7 +64,7 @@ def _run(daemon: Daemon, cmd: str, request: dict[str, Any]) -> Any:
         table = request.get("port")
         if not isinstance(table, dict):
             raise ValueError("port: expected a port table like the config file's [[port]]")
-        spec = _port("admin request", "port", dict(table), daemon.cfg.max_ports)
+        spec = parse_port("admin request", "port", table, daemon.cfg.max_ports)
         port = daemon.add_port(spec)
         return {"id": port.id, "name": port.name}
     if cmd == "remove-port":
@@ -82,8 +82,6 @@ def _run(daemon: Daemon, cmd: str, request: dict[str, Any]) -> Any:
             raise ValueError(f"port {pid} has no open session")
         return {"port": pid, "session": closed}
     if cmd == "reload":
-        from .config import load
-
         return daemon.reload(load(daemon.cfg.source))
     raise AssertionError(cmd)
 

@@ -116,7 +116,7 @@ def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
         if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
             vm.fail("metrics_listen", '"HOST:PORT", e.g. "127.0.0.1:9464"', metrics)
         metrics_listen = (host.strip("[]"), int(port_text))
-    ports = [_port(source, f"port[{i}]", table, max_ports)
+    ports = [parse_port(source, f"port[{i}]", table, max_ports)
              for i, table in enumerate(top.get("port", list, []))]
     seen_ids: dict[int, int] = {}
     seen_names: dict[str, int] = {}
@@ -146,7 +146,9 @@ def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
     )
 
 
-def _port(source: str, where: str, table: object, max_ports: int) -> PortSpec:
+def parse_port(source: str, where: str, table: object, max_ports: int) -> PortSpec:
+    """One port table ([[port]], or an admin add-port's), its backend options validated.
+    Errors read `{source}: {where}.key: ...`, e.g. `web1.toml: port[1].id: ...`."""
     r = Options(table, f"{source}: {where}", _PORT_KEYS, terse=True)
     pid = r.required_integer("id", lo=0, hi=max_ports - 1)
     name = r.string("name", "", nonempty=False)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .config import ConfigError, load, parse_port
+from .sockets import BACKLOG, inherited_unix, listen_unix
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -171,14 +171,11 @@ async def serve_admin(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    from .daemon import listen_unix
-
     if fd is not None:
-        listener = trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
-        os.close(fd)
+        listener = inherited_unix(fd)
     else:
         assert path is not None
-        listener = await listen_unix(path, 0o600)
+        listener = await listen_unix(path, 0o600)  # admin commands: the daemon's user only
     with listener:
         task_status.started()
         async with trio.open_nursery() as nursery:
@@ -200,7 +197,7 @@ async def serve_metrics(
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     with listener:
         await listener.bind((host, port))
-        listener.listen(16)
+        listener.listen(BACKLOG)
         address = listener.getsockname()[:2]
         log.info("metrics on http://%s:%d/metrics", *address)
         task_status.started(address)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ import trio
 from . import config as config_mod
 from . import state as state_mod
 from . import systemd
-from .backends.unix import BACKLOG, prepare_socket_path
 from .config import PortSpec, VMConfig
 from .console import ConsoleDevice
 from .console.port import Port
 from .console.session import Input
+from .sockets import inherited_unix, listen_unix
 from .vhost_user import Backend, send_backend_request, serve_connection
 
 log = logging.getLogger("vhostser.daemon")
@@ -39,18 +38,6 @@ def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
             f"num_vqs={2 * cfg.max_ports + 2},config_size=12",
         ]
     )
-
-
-async def listen_unix(path: str, mode: int | None = None) -> trio.socket.SocketType:
-    """A listening unix socket at `path`, replacing a stale socket file but nothing else
-    (not a live socket: a second daemon for the same VM must fail, not steal it)."""
-    prepare_socket_path(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    if mode is not None:
-        os.chmod(path, mode)
-    sock.listen(BACKLOG)
-    return sock
 
 
 class Daemon:
@@ -271,11 +258,10 @@ async def run_daemon(
     own_socket = False
     if activated:
         fds = activated.get("vhost-user") or next(iter(activated.values()))
-        listener = trio.socket.fromfd(fds[0], socket.AF_UNIX, socket.SOCK_STREAM)
-        os.close(fds[0])
+        listener = inherited_unix(fds[0])
         log.info("vm %s: socket-activated (%s)", cfg.name, ", ".join(activated))
     else:
-        listener = await listen_unix(cfg.socket, 0o660)
+        listener = await listen_unix(cfg.socket)
         own_socket = True
     admin_fds = activated.get("admin")
     admin_fd = admin_fds[0] if admin_fds else None

@@ -22,9 +22,10 @@ from test_backend_harness import (
 
 from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode
 from vhostser.backends.peers import backoff_delays
-from vhostser.backends.unix import UnixBackend, prepare_socket_path
+from vhostser.backends.unix import UnixBackend
 from vhostser.console.port import PortConfig
 from vhostser.console.session import Input, State
+from vhostser.sockets import prepare_socket_path
 
 
 def make(tmp_path: Path, **options: Any) -> UnixBackend:

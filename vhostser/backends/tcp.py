@@ -26,11 +26,11 @@ from typing import Any, Self
 import trio
 
 from ..options import Options
+from ..sockets import BACKLOG
 from .peers import PEER_OPTION_KEYS, PeerBackend, PeerOptions
 
 NETNS_DIR = "/var/run/netns"
 CLONE_NEWNET = 0x40000000
-BACKLOG = 16
 _NETNS_NAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,255}")
 
 

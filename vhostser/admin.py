@@ -14,15 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from .config import ConfigError, load, parse_port
+from .daemon import Daemon
 from .sockets import BACKLOG, inherited_unix, listen_unix
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 log = logging.getLogger("vhostser.admin")
 

@@ -1,25 +1,22 @@
-"""Process wiring: listening socket (own or systemd's), one front end at a time, the
-front-end grace period, signals, sd_notify, the state file and the admin socket."""
+"""One VM's daemon: its device and ports, one front end at a time, the front-end grace
+period, live reload, the state file, and what the admin socket reports. The process around
+it (sockets, signals, systemd) is `service`."""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from . import config as config_mod
 from . import state as state_mod
-from . import systemd
 from .config import PortSpec, VMConfig
 from .console import ConsoleDevice
 from .console.port import Port
 from .console.session import Input
-from .sockets import inherited_unix, listen_unix
 from .vhost_user import Backend, send_backend_request, serve_connection
 
 log = logging.getLogger("vhostser.daemon")
@@ -238,70 +235,3 @@ class Daemon:
                 entry["backend"] = backend_counters.as_dict()
             ports[str(pid)] = entry
         return {"device": self.device.counters.as_dict(), "ports": ports}
-
-
-async def _watchdog(interval: float) -> None:
-    while True:
-        systemd.notify("WATCHDOG=1")
-        await trio.sleep(interval)
-
-
-async def run_daemon(
-    cfg: VMConfig,
-    *,
-    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
-) -> int:
-    """Serve one VM until SIGTERM/SIGINT; returns the exit status."""
-    from .admin import serve_admin, serve_metrics  # they need Daemon; import late
-
-    activated = systemd.listen_fds()
-    own_socket = False
-    if activated:
-        fds = activated.get("vhost-user") or next(iter(activated.values()))
-        listener = inherited_unix(fds[0])
-        log.info("vm %s: socket-activated (%s)", cfg.name, ", ".join(activated))
-    else:
-        listener = await listen_unix(cfg.socket)
-        own_socket = True
-    admin_fds = activated.get("admin")
-    admin_fd = admin_fds[0] if admin_fds else None
-    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    with listener, trio.open_signal_receiver(*watched) as signals:
-        async with trio.open_nursery() as nursery:
-            daemon = Daemon(cfg, nursery)
-            await nursery.start(daemon.serve, listener)
-            if cfg.admin_socket or admin_fd is not None:
-                await nursery.start(serve_admin, daemon, cfg.admin_socket, admin_fd)
-            if cfg.metrics_listen:
-                await nursery.start(serve_metrics, daemon, *cfg.metrics_listen)
-            interval = systemd.watchdog_interval()
-            if interval:
-                nursery.start_soon(_watchdog, interval)
-            log.info("vm %s: listening on %s", cfg.name, cfg.socket)
-            systemd.notify("READY=1", f"STATUS=serving {len(cfg.ports)} ports on {cfg.socket}")
-            task_status.started(daemon)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
-                    try:
-                        daemon.reload(config_mod.load(cfg.source))
-                    except (config_mod.ConfigError, ValueError) as e:
-                        log.error("reload failed, keeping the running config: %s", e)
-                    systemd.notify("READY=1", "STATUS=config reloaded")
-                    continue
-                log.info("signal %s: shutting down", signal.Signals(signum).name)
-                break
-            systemd.notify("STOPPING=1")
-            # Saved before the sessions close: the guest closed nothing, so the next daemon
-            # must know which sessions are still open in the guest.
-            daemon.save_state()
-            daemon.device.close_all(Input.SHUTDOWN)
-            await daemon.device.drain_backends()
-            nursery.cancel_scope.cancel()
-        daemon.backend.disconnected()
-    if own_socket:
-        try:
-            os.unlink(cfg.socket)
-        except OSError:
-            pass
-    return 0

@@ -111,9 +111,7 @@ class Daemon:
         for pid in changed + added:
             self.add_port(wanted[pid])
         for port in self.device.ports.values():
-            reopen = getattr(port.backend, "reopen", None)
-            if callable(reopen):
-                reopen()
+            port.backend.reopen()
         log.info("reload: added %s, removed %s, changed %s", added, removed, changed)
         return {"added": added, "removed": removed, "changed": changed}
 
@@ -230,8 +228,7 @@ class Daemon:
         ports = {}
         for pid, port in sorted(self.device.ports.items()):
             entry = port.counters.as_dict()
-            backend_counters = getattr(port.backend, "counters", None)
-            if backend_counters is not None and hasattr(backend_counters, "as_dict"):
-                entry["backend"] = backend_counters.as_dict()
+            if backend_counters := port.backend.counter_values():
+                entry["backend"] = dict(backend_counters)
             ports[str(pid)] = entry
         return {"device": self.device.counters.as_dict(), "ports": ports}

@@ -12,7 +12,8 @@ The port applies one input at a time: a backend never calls `host_attach`, `host
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,10 +30,19 @@ class Session:
     id: int
 
 
+@dataclass
+class Counters:
+    """A backend's own counters (the port counts its own): subclasses add the fields."""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
 class PortBackend:
     """Base class: `guest_data` is the one method a backend must write."""
 
     port: Port
+    counters: Counters | None = None
 
     def bind(self, port: Port) -> None:
         """Called once when the port is created, before any other call."""
@@ -60,3 +70,10 @@ class PortBackend:
 
     async def run(self) -> None:
         """Long-running work (listening for peers...), cancelled when the port goes away."""
+
+    def reopen(self) -> None:
+        """Reopen files, after log rotation (SIGHUP). A backend without files has none."""
+
+    def counter_values(self) -> Mapping[str, object]:
+        """The backend's own counters by name, for `stats`; by default its `counters`."""
+        return {} if self.counters is None else self.counters.as_dict()

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Self
 
 import trio
 
 from ..options import Options
+from .base import Counters
 from .file import FileSink
 from .options import ConfigurableBackend
 from .peers import READ_CHUNK, Peer
@@ -43,7 +44,7 @@ DEFAULT_MAX_READERS = 32
 
 
 @dataclass
-class ConsoleCounters:
+class ConsoleCounters(Counters):
     bytes_from_guest: int = 0
     readers_accepted: int = 0
     readers_refused: int = 0  # over max_readers
@@ -52,12 +53,11 @@ class ConsoleCounters:
     input_dropped: int = 0  # bytes from readers that are not the writer
     bytes_to_guest: int = 0  # bytes from the writer handed to the port
 
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
 
 class ConsoleBackend(ConfigurableBackend):
     """Log file + live readers with scrollback + one writer (see the module doc)."""
+
+    counters: ConsoleCounters
 
     def __init__(
         self,

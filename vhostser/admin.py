@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from .config import ConfigError, _port
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .config import ConfigError, load, parse_port
+from .daemon import Daemon
+from .sockets import BACKLOG, inherited_unix, listen_unix
 
 log = logging.getLogger("vhostser.admin")
 
@@ -64,7 +62,7 @@ def _run(daemon: Daemon, cmd: str, request: dict[str, Any]) -> Any:
         table = request.get("port")
         if not isinstance(table, dict):
             raise ValueError("port: expected a port table like the config file's [[port]]")
-        spec = _port("admin request", "port", dict(table), daemon.cfg.max_ports)
+        spec = parse_port("admin request", "port", table, daemon.cfg.max_ports)
         port = daemon.add_port(spec)
         return {"id": port.id, "name": port.name}
     if cmd == "remove-port":
@@ -82,8 +80,6 @@ def _run(daemon: Daemon, cmd: str, request: dict[str, Any]) -> Any:
             raise ValueError(f"port {pid} has no open session")
         return {"port": pid, "session": closed}
     if cmd == "reload":
-        from .config import load
-
         return daemon.reload(load(daemon.cfg.source))
     raise AssertionError(cmd)
 
@@ -173,14 +169,11 @@ async def serve_admin(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    from .daemon import listen_unix
-
     if fd is not None:
-        listener = trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
-        os.close(fd)
+        listener = inherited_unix(fd)
     else:
         assert path is not None
-        listener = await listen_unix(path, 0o600)
+        listener = await listen_unix(path, 0o600)  # admin commands: the daemon's user only
     with listener:
         task_status.started()
         async with trio.open_nursery() as nursery:
@@ -202,7 +195,7 @@ async def serve_metrics(
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     with listener:
         await listener.bind((host, port))
-        listener.listen(16)
+        listener.listen(BACKLOG)
         address = listener.getsockname()[:2]
         log.info("metrics on http://%s:%d/metrics", *address)
         task_status.started(address)

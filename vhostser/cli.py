@@ -16,7 +16,8 @@ import trio
 
 from . import admin
 from .config import ConfigError, VMConfig, default, load
-from .daemon import qemu_command_line, run_daemon
+from .daemon import qemu_command_line
+from .service import run_daemon
 
 
 class JournalFormatter(logging.Formatter):

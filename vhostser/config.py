@@ -28,15 +28,17 @@ import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .backends.registry import BACKENDS, OptionError
+from .backends import registry
 from .console import DEFAULT_STAGING, PortBackend, PortConfig
+from .options import OptionError, Options
 
-
-class ConfigError(ValueError):
-    """The config file is not valid; the message names the file and the key."""
+# One error for a bad key wherever it is read (this file's tables, a backend's options, an
+# admin add-port), so a backend's error needs no rewrapping on its way out of `parse`.
+ConfigError = OptionError
 
 
 @dataclass(frozen=True)
@@ -92,71 +94,29 @@ _VM_KEYS = {
 _PORT_KEYS = {"id", "name", "console", "guest_writes_without_host", "staging", "backend"}
 
 
-class _Reader:
-    """Typed access to one table, recording which keys were used."""
-
-    def __init__(self, source: str, where: str, table: dict[str, Any], allowed: set[str]) -> None:
-        self.source, self.where, self.table = source, where, table
-        for key in table:
-            if key not in allowed:
-                self.fail(key, f"one of {', '.join(sorted(allowed))} (unknown key)", table[key])
-
-    def fail(self, key: str, expected: str, got: object) -> None:
-        raise ConfigError(f"{self.source}: {self.where}.{key}: expected {expected}, got {got!r}")
-
-    def get(self, key: str, kind: type, default: Any = None, *, required: bool = False) -> Any:
-        if key not in self.table:
-            if required:
-                raise ConfigError(f"{self.source}: {self.where}.{key}: required key missing")
-            return default
-        value = self.table[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.fail(key, kind.__name__, value)
-        return value
-
-    def int_in(self, key: str, lo: int, hi: int, default: int | None = None, **kw: Any) -> Any:
-        value = self.get(key, int, default, **kw)
-        if value is not None and not lo <= value <= hi:
-            self.fail(key, f"an integer in {lo}..{hi}", value)
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value: str = self.get(key, str, default)
-        if value not in choices:
-            self.fail(key, f"one of {', '.join(choices)}", value)
-        return value
-
-
 def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
     """Validate a config document; `source` names it in errors."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    top = _Reader(source, "<top>", doc, {"vm", "port"})
-    vm_table = top.get("vm", dict, {})
-    vm = _Reader(source, "vm", vm_table, _VM_KEYS)
-    name = vm.get("name", str, default_name)
-    max_ports = vm.int_in("max_ports", 1, 31, 4)
+    top = Options(doc, f"{source}: <top>", {"vm", "port"}, terse=True)
+    vm = Options(top.get("vm", dict, {}), f"{source}: vm", _VM_KEYS, terse=True)
+    name = vm.string("name", default_name, nonempty=False)
+    max_ports = vm.integer("max_ports", 4, lo=1, hi=31)
     grace = vm.get("frontend_grace", float, 30.0)
     if not grace >= 0 or grace == float("inf"):  # also NaN
         vm.fail("frontend_grace", "a number of seconds ≥ 0", grace)
     order = vm.choice("resize_order", ("cols-rows", "rows-cols"), "cols-rows")
-    metrics = vm.get("metrics_listen", str)
+    metrics = vm.string("metrics_listen", nonempty=False)
     metrics_listen = None
     if metrics is not None:
         host, sep, port_text = metrics.rpartition(":")
         if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
             vm.fail("metrics_listen", '"HOST:PORT", e.g. "127.0.0.1:9464"', metrics)
         metrics_listen = (host.strip("[]"), int(port_text))
-    ports: list[PortSpec] = []
-    port_list = top.get("port", list, [])
-    for i, table in enumerate(port_list):
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: port[{i}]: expected a table, got {table!r}")
-        ports.append(_port(source, f"port[{i}]", table, max_ports))
+    ports = [parse_port(source, f"port[{i}]", table, max_ports)
+             for i, table in enumerate(top.get("port", list, []))]
     seen_ids: dict[int, int] = {}
     seen_names: dict[str, int] = {}
     for i, p in enumerate(ports):
@@ -171,45 +131,43 @@ def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
             seen_names[p.config.name] = i
     return VMConfig(
         name=name,
-        socket=vm.get("socket", str, f"/run/vhostser/{name}.sock"),
+        socket=vm.string("socket", f"/run/vhostser/{name}.sock", nonempty=False),
         max_ports=max_ports,
-        state_dir=vm.get("state_dir", str),
-        admin_socket=vm.get("admin_socket", str),
+        state_dir=vm.string("state_dir", nonempty=False),
+        admin_socket=vm.string("admin_socket", nonempty=False),
         metrics_listen=metrics_listen,
         frontend_grace=grace,
-        cols=vm.int_in("cols", 1, 0xFFFF, 80),
-        rows=vm.int_in("rows", 1, 0xFFFF, 25),
+        cols=vm.integer("cols", 80, lo=1, hi=0xFFFF),
+        rows=vm.integer("rows", 25, lo=1, hi=0xFFFF),
         resize_rows_first=order == "rows-cols",
         ports=tuple(ports),
         source=source,
     )
 
 
-def _port(source: str, where: str, table: dict[str, Any], max_ports: int) -> PortSpec:
-    r = _Reader(source, where, table, _PORT_KEYS)
-    pid = r.int_in("id", 0, max_ports - 1, required=True)
-    name = r.get("name", str, "")
-    if "/" in name or "\0" in name or len(name.encode()) > 255:
+def parse_port(source: str, where: str, table: object, max_ports: int) -> PortSpec:
+    """One port table ([[port]], or an admin add-port's), its backend options validated.
+    Errors read `{source}: {where}.key: ...`, e.g. `web1.toml: port[1].id: ...`."""
+    r = Options(table, f"{source}: {where}", _PORT_KEYS, terse=True)
+    pid = r.required_integer("id", lo=0, hi=max_ports - 1)
+    name = r.string("name", "", nonempty=False)
+    if "/" in name or len(name.encode()) > 255:  # (the reader refuses NUL in any string)
         r.fail("name", "a port name without '/' or NUL, of at most 255 bytes", name)
     config = PortConfig(
         id=pid,
         name=name,
-        console=r.get("console", bool, False),
-        guest_writes_without_host=r.choice(  # type: ignore[arg-type]
+        console=r.boolean("console", False),
+        guest_writes_without_host=r.choice(
             "guest_writes_without_host", ("hold", "discard"), "hold"
         ),
-        staging_limit=r.int_in("staging", 4096, 64 << 20, DEFAULT_STAGING),
+        staging_limit=r.integer("staging", DEFAULT_STAGING, lo=4096, hi=64 << 20),
     )
-    backend = dict(r.get("backend", dict, required=True))
-    btype = backend.pop("type", None)
-    if not isinstance(btype, str) or btype not in BACKENDS:
-        r.fail("backend.type", f"one of {', '.join(sorted(BACKENDS))}", btype)
-    cls, bwhere = BACKENDS[btype], f"{source}: {where}.backend"
-    try:
-        cls.from_options(backend, bwhere)  # validates; makes no sockets or files
-    except OptionError as e:
-        raise ConfigError(str(e)) from None
-    return PortSpec(config, btype, backend, lambda: cls.from_options(backend, bwhere))
+    backend = dict(r.required("backend", dict))
+    bwhere = f"{r.where}.backend"
+    btype = registry.backend_type(backend.pop("type", None), bwhere)
+    make_backend = partial(registry.create, btype, backend, bwhere)
+    make_backend()  # validates now; makes no sockets or files
+    return PortSpec(config, btype, backend, make_backend)
 
 
 def load(path: str | os.PathLike[str]) -> VMConfig:

@@ -1,22 +1,18 @@
-"""Process wiring: listening socket (own or systemd's), one front end at a time, the
-front-end grace period, signals, sd_notify, the state file and the admin socket."""
+"""One VM's daemon: its device and ports, one front end at a time, the front-end grace
+period, live reload, the state file, and what the admin socket reports. The process around
+it (sockets, signals, systemd) is `service`."""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from . import config as config_mod
 from . import state as state_mod
-from . import systemd
-from .backends.unix import BACKLOG, prepare_socket_path
 from .config import PortSpec, VMConfig
 from .console import ConsoleDevice, Port
 from .console.session import Input
@@ -38,18 +34,6 @@ def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
             f"num_vqs={2 * cfg.max_ports + 2},config_size=12",
         ]
     )
-
-
-async def listen_unix(path: str, mode: int | None = None) -> trio.socket.SocketType:
-    """A listening unix socket at `path`, replacing a stale socket file but nothing else
-    (not a live socket: a second daemon for the same VM must fail, not steal it)."""
-    prepare_socket_path(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    if mode is not None:
-        os.chmod(path, mode)
-    sock.listen(BACKLOG)
-    return sock
 
 
 class Daemon:
@@ -247,71 +231,3 @@ class Daemon:
                 entry["backend"] = dict(backend_counters)
             ports[str(pid)] = entry
         return {"device": self.device.counters.as_dict(), "ports": ports}
-
-
-async def _watchdog(interval: float) -> None:
-    while True:
-        systemd.notify("WATCHDOG=1")
-        await trio.sleep(interval)
-
-
-async def run_daemon(
-    cfg: VMConfig,
-    *,
-    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
-) -> int:
-    """Serve one VM until SIGTERM/SIGINT; returns the exit status."""
-    from .admin import serve_admin, serve_metrics  # they need Daemon; import late
-
-    activated = systemd.listen_fds()
-    own_socket = False
-    if activated:
-        fds = activated.get("vhost-user") or next(iter(activated.values()))
-        listener = trio.socket.fromfd(fds[0], socket.AF_UNIX, socket.SOCK_STREAM)
-        os.close(fds[0])
-        log.info("vm %s: socket-activated (%s)", cfg.name, ", ".join(activated))
-    else:
-        listener = await listen_unix(cfg.socket, 0o660)
-        own_socket = True
-    admin_fds = activated.get("admin")
-    admin_fd = admin_fds[0] if admin_fds else None
-    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    with listener, trio.open_signal_receiver(*watched) as signals:
-        async with trio.open_nursery() as nursery:
-            daemon = Daemon(cfg, nursery)
-            await nursery.start(daemon.serve, listener)
-            if cfg.admin_socket or admin_fd is not None:
-                await nursery.start(serve_admin, daemon, cfg.admin_socket, admin_fd)
-            if cfg.metrics_listen:
-                await nursery.start(serve_metrics, daemon, *cfg.metrics_listen)
-            interval = systemd.watchdog_interval()
-            if interval:
-                nursery.start_soon(_watchdog, interval)
-            log.info("vm %s: listening on %s", cfg.name, cfg.socket)
-            systemd.notify("READY=1", f"STATUS=serving {len(cfg.ports)} ports on {cfg.socket}")
-            task_status.started(daemon)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
-                    try:
-                        daemon.reload(config_mod.load(cfg.source))
-                    except (config_mod.ConfigError, ValueError) as e:
-                        log.error("reload failed, keeping the running config: %s", e)
-                    systemd.notify("READY=1", "STATUS=config reloaded")
-                    continue
-                log.info("signal %s: shutting down", signal.Signals(signum).name)
-                break
-            systemd.notify("STOPPING=1")
-            # Saved before the sessions close: the guest closed nothing, so the next daemon
-            # must know which sessions are still open in the guest.
-            daemon.save_state()
-            daemon.device.close_all(Input.SHUTDOWN)
-            await daemon.device.drain_backends()
-            nursery.cancel_scope.cancel()
-        daemon.backend.disconnected()
-    if own_socket:
-        try:
-            os.unlink(cfg.socket)
-        except OSError:
-            pass
-    return 0

@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from vhostser import config
-from vhostser.daemon import Daemon, listen_unix
+from vhostser.daemon import Daemon
+from vhostser.sockets import listen_unix
 from vhostser.testing import open_frontend
 from vhostser.testing.console_driver import ConsoleDriver
 

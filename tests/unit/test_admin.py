@@ -285,6 +285,22 @@ async def test_reload(tmp_path: Path) -> None:
         assert len(daemon.device.ports) == 3
 
 
+async def test_backends_report_counters_and_reopen_on_reload(tmp_path: Path) -> None:
+    path = tmp_path / "t1.toml"
+    log_port = (f'[[port]]\nid = 3\nname = "log"\n'
+                f'backend = {{ type = "file", path = "{tmp_path / "p3.log"}" }}\n')
+    path.write_text(CONFIG + log_port)
+    async with running(CONFIG + log_port, str(path)) as daemon:
+        stats = ok(daemon, {"cmd": "stats"})
+        assert "backend" not in stats["ports"]["2"]  # null counts nothing of its own
+        assert stats["ports"]["3"]["backend"] == {
+            "bytes_written": 0, "bytes_lost": 0, "write_errors": 0, "open_errors": 0,
+            "reopens": 0,
+        }
+        assert ok(daemon, {"cmd": "reload"}) == {"added": [], "removed": [], "changed": []}
+        assert ok(daemon, {"cmd": "stats"})["ports"]["3"]["backend"]["reopens"] == 1
+
+
 async def test_reload_without_a_file() -> None:
     async with running() as daemon:
         assert err(daemon, {"cmd": "reload"}).startswith("t1.toml: cannot read: ")

@@ -11,10 +11,11 @@ from vhostser.backends.console_log import ConsoleBackend
 from vhostser.backends.file import FileBackend
 from vhostser.backends.peers import PeerOptions
 from vhostser.backends.pty import PtyBackend
-from vhostser.backends.registry import BACKENDS, OptionError, create
+from vhostser.backends.registry import BACKENDS, create
 from vhostser.backends.simple import EchoBackend, NullBackend
 from vhostser.backends.tcp import TcpBackend
 from vhostser.backends.unix import UnixBackend
+from vhostser.options import OptionError
 
 W = "vm.toml: port[1].backend"
 

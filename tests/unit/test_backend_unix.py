@@ -23,9 +23,10 @@ from trio.testing import MockClock
 
 from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode
 from vhostser.backends.peers import backoff_delays
-from vhostser.backends.unix import UnixBackend, prepare_socket_path
+from vhostser.backends.unix import UnixBackend
 from vhostser.console import PortConfig
 from vhostser.console.session import Input, State
+from vhostser.sockets import prepare_socket_path
 
 
 def make(tmp_path: Path, **options: Any) -> UnixBackend:

@@ -341,3 +341,10 @@ def test_metrics_listen_must_be_host_port(value: str) -> None:
 
 def test_metrics_listen_parses() -> None:
     assert parse('[vm]\nmetrics_listen = "[::1]:9464"\n', SRC).metrics_listen == ("::1", 9464)
+
+
+@pytest.mark.parametrize("key", ["name", "socket", "state_dir", "admin_socket"])
+def test_no_vm_string_holds_nul(key: str) -> None:
+    # The same reader as the backends': every string it hands out becomes a path or a name.
+    msg = error_of(f'[vm]\n{key} = "a\\u0000b"\n')
+    assert msg == f"{SRC}: vm.{key}: expected a string without NUL bytes, got 'a\\x00b'"

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Self
 
 import trio
 
+from ..console.port import Counters
+from ..options import Options
 from .file import FileSink
-from .options import ConfigurableBackend, Options
+from .options import ConfigurableBackend
 from .peers import READ_CHUNK, Peer
 from .unix import UnixEndpoint
 
@@ -42,7 +44,7 @@ DEFAULT_MAX_READERS = 32
 
 
 @dataclass
-class ConsoleCounters:
+class ConsoleCounters(Counters):
     bytes_from_guest: int = 0
     readers_accepted: int = 0
     readers_refused: int = 0  # over max_readers
@@ -51,12 +53,11 @@ class ConsoleCounters:
     input_dropped: int = 0  # bytes from readers that are not the writer
     bytes_to_guest: int = 0  # bytes from the writer handed to the port
 
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
 
 class ConsoleBackend(ConfigurableBackend):
     """Log file + live readers with scrollback + one writer (see the module doc)."""
+
+    counters: ConsoleCounters
 
     def __init__(
         self,

@@ -24,12 +24,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Self
 
 import trio
 
-from .options import ConfigurableBackend, Options
+from ..console.port import Counters
+from ..options import Options
+from .options import ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 
@@ -71,15 +73,12 @@ class LineStamper:
 
 
 @dataclass
-class FileCounters:
+class FileCounters(Counters):
     bytes_written: int = 0
     bytes_lost: int = 0  # could not be written (disk full, I/O error): counted and logged
     write_errors: int = 0
     open_errors: int = 0
     reopens: int = 0
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 class FileSink:
@@ -171,7 +170,7 @@ class FileSink:
 
 
 def read_attach(o: Options) -> Attach:
-    value = o.options.get("attach", "auto")
+    value = o.table.get("attach", "auto")
     if value is True or value is False or value == "auto":
         return value  # type: ignore[no-any-return]
     o.fail("attach", 'true, false or "auto"', value)
@@ -179,6 +178,8 @@ def read_attach(o: Options) -> Attach:
 
 class FileBackend(ConfigurableBackend):
     """Guest bytes appended to a file (see the module doc)."""
+
+    counters: FileCounters
 
     def __init__(self, path: str, *, append: bool = True, timestamps: bool = False,
                  attach: Attach = "auto") -> None:

@@ -41,15 +41,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Self, cast
 
 import trio
 
-from ..console.port import Session
+from ..console.port import Counters, Session
 from ..console.session import Reason, State
+from ..options import Options
 from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
-from .options import ConfigurableBackend, Options
+from .options import ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 
@@ -114,7 +115,7 @@ class PeerOptions:
 
 
 @dataclass
-class PeerCounters:
+class PeerCounters(Counters):
     """Per-backend counters (the port's own counters are in `port.counters`)."""
 
     peers_accepted: int = 0  # connections taken as peers (server)
@@ -132,9 +133,6 @@ class PeerCounters:
     # the port's staging buffer are the port's: port.counters.discarded["stale"].)
     stale_bytes: int = 0
     stale_frames: int = 0  # DATA/CLOSE frames naming a session that is not open
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 class Peer:
@@ -211,6 +209,8 @@ _CONN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 class PeerBackend(ConfigurableBackend):
     """Peers on stream sockets in stream, session or framed mode (see the module doc)."""
+
+    counters: PeerCounters
 
     def __init__(self, endpoint: Endpoint, options: PeerOptions | None = None) -> None:
         self.endpoint = endpoint

@@ -22,12 +22,14 @@ import os
 import stat
 import tty
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Self
 
 import trio
 
-from .options import ConfigurableBackend, Options
+from ..console.port import Counters
+from ..options import Options
+from .options import ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 
@@ -36,12 +38,9 @@ DEFAULT_QUEUE = 64 * 1024
 
 
 @dataclass
-class PtyCounters:
+class PtyCounters(Counters):
     bytes_to_pty: int = 0
     bytes_from_pty: int = 0
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def make_symlink(target: str, link: str) -> None:
@@ -71,6 +70,8 @@ def remove_symlink(target: str, link: str) -> None:
 
 class PtyBackend(ConfigurableBackend):
     """The port on a pseudo-terminal (see the module doc)."""
+
+    counters: PtyCounters
 
     def __init__(self, *, link: str | None = None, queue: int = DEFAULT_QUEUE) -> None:
         self.link = link

@@ -1,8 +1,8 @@
 """Backend types by name, as the config file spells them: `backend = { type = "unix", ... }`.
 
-`BACKENDS[type].from_options(options, where)` validates the options (without `type`) and
-returns an unstarted backend; it raises `OptionError` naming `where.key` and what was
-expected. It opens no files and makes no sockets: `run()` does.
+`create(type, options, where)` validates the options (without `type`) and returns an
+unstarted backend; it raises `OptionError` naming `where.key` and what was expected. It opens
+no files and makes no sockets: `run()` does.
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Self
 
+from ..options import OptionError, Options
 from .console_log import ConsoleBackend
 from .file import FileBackend
-from .options import ConfigurableBackend, OptionError, Options
+from .options import ConfigurableBackend
 from .pty import PtyBackend
 from .simple import EchoBackend, NullBackend, SinkBackend
 from .tcp import TcpBackend
 from .unix import UnixBackend
 
-__all__ = ["BACKENDS", "ConfigurableBackend", "OptionError", "create"]
+__all__ = ["BACKENDS", "backend_type", "create"]
 
 
 class _NoOptions(ConfigurableBackend):
@@ -61,11 +62,16 @@ BACKENDS: dict[str, type[ConfigurableBackend]] = {
 }
 
 
+def backend_type(value: object, where: str) -> str:
+    """`value` if it names a backend type; else OptionError naming `where.type`. (`value` is
+    whatever the table held: missing (None), a number, a typo.)"""
+    if isinstance(value, str) and value in BACKENDS:
+        return value
+    raise OptionError(
+        f"{where}.type: expected one of {', '.join(sorted(BACKENDS))}, got {value!r}"
+    )
+
+
 def create(type_name: str, options: Mapping[str, Any], where: str) -> ConfigurableBackend:
     """The backend `type_name` built from `options` (OptionError if either is wrong)."""
-    cls = BACKENDS.get(type_name)
-    if cls is None:
-        raise OptionError(
-            f"{where}.type: expected one of {', '.join(sorted(BACKENDS))}, got {type_name!r}"
-        )
-    return cls.from_options(options, where)
+    return BACKENDS[backend_type(type_name, where)].from_options(options, where)

@@ -25,12 +25,12 @@ from typing import Any, Self
 
 import trio
 
-from .options import Options
+from ..options import Options
+from ..sockets import BACKLOG
 from .peers import PEER_OPTION_KEYS, PeerBackend, PeerOptions
 
 NETNS_DIR = "/var/run/netns"
 CLONE_NEWNET = 0x40000000
-BACKLOG = 16
 _NETNS_NAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,255}")
 
 
@@ -153,7 +153,6 @@ class TcpBackend(PeerBackend):
         o = Options(options, where, {"host", "port", "netns", *PEER_OPTION_KEYS})
         peer = PeerOptions.read(o)
         host = o.string("host", "127.0.0.1")
-        assert host is not None
         lo = 0 if peer.role == "server" else 1
         port = o.required_integer("port", lo=lo, hi=65535)
         netns = o.string("netns")

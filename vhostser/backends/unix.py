@@ -14,50 +14,19 @@ in `framing`.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
-import stat
 from collections.abc import Mapping
 from typing import Any, Self
 
 import trio
 
-from .options import Options
+from ..options import Options
+from ..sockets import SOCKET_MODE, listen_unix
 from .peers import PEER_OPTION_KEYS, PeerBackend, PeerOptions
 
 log = logging.getLogger("vhostser.backends")
-
-SOCKET_MODE = 0o660
-BACKLOG = 16
-
-
-def prepare_socket_path(path: str) -> None:
-    """Make room for a listening socket at `path`: create the directory, remove a stale socket
-    file (nobody accepts on it). A live socket or a non-socket file there is an error."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # stale: left by a process that is gone
-        return
-    except BlockingIOError:
-        pass  # alive, its backlog is full
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on it")
-
 
 class UnixEndpoint:
     """Listen on or connect to a unix socket path."""
@@ -71,17 +40,13 @@ class UnixEndpoint:
         return f"unix:{self.path}"
 
     async def listen(self) -> trio.socket.SocketType:
-        prepare_socket_path(self.path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = await listen_unix(self.path, self.mode)
         try:
-            await sock.bind(self.path)
-            os.chmod(self.path, self.mode)
             st = os.lstat(self.path)
-            self._bound = (st.st_dev, st.st_ino)
-            sock.listen(BACKLOG)
         except BaseException:
             sock.close()
             raise
+        self._bound = (st.st_dev, st.st_ino)
         return sock
 
     async def connect(self) -> trio.socket.SocketType:

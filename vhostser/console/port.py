@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 
 import trio
 
@@ -26,15 +27,24 @@ from .core import ConsoleCore, Credit, Output, SessionClosed, SessionOpened, Sta
 from .session import Input, Reason, State
 from .state import PortConfig, PortCounters, Session
 
-__all__ = ["Port", "PortBackend", "Reason", "Session", "State"]
+__all__ = ["Counters", "Port", "PortBackend", "Reason", "Session", "State"]
 
 log = logging.getLogger("vhostser.console")
+
+
+@dataclass
+class Counters:
+    """A backend's own counters (the port counts its own): subclasses add the fields."""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
 class PortBackend:
     """Base class: `guest_data` is the one method a backend must write."""
 
     port: Port
+    counters: Counters | None = None
 
     def bind(self, port: Port) -> None:
         """Called once when the port is created, before any other call."""
@@ -59,8 +69,8 @@ class PortBackend:
         """The daemon was asked to reload (SIGHUP): reopen files (log rotation)."""
 
     def counter_values(self) -> Mapping[str, object]:
-        """The backend's own counters, for `ctl stats` (the port's are the port's)."""
-        return {}
+        """The backend's own counters by name, for `stats`; by default its `counters`."""
+        return {} if self.counters is None else self.counters.as_dict()
 
     async def drain(self) -> None:
         """Return once what this backend has queued for its peers went out (the last frames

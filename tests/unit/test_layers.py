@@ -20,6 +20,7 @@ _ABOVE_BACKENDS = ("vhostser.config", "vhostser.daemon", "vhostser.admin", "vhos
 # (importers, forbidden): no module in `importers` imports a module in `forbidden`.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("virtqueue", ("vhostser",)),
+    ("vhostser.fds", ("vhostser",)),
     ("vhostser.options", ("vhostser",)),
     ("vhostser.sockets", ("vhostser",)),
     ("vhostser.vhost_user", ("vhostser.console", "vhostser.backends", *_ABOVE_BACKENDS)),

@@ -4,10 +4,12 @@ library only; outside systemd every call is a quiet no-op."""
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 
 log = logging.getLogger("vhostser.systemd")
 
@@ -38,20 +40,27 @@ def listen_fds(*, unset: bool = True) -> dict[str, list[int]]:
     return fds
 
 
-def notify(*lines: str) -> bool:
-    """Send `KEY=value` lines to $NOTIFY_SOCKET; False if there is none or it failed."""
+def notify(*lines: str, fds: Sequence[int] = ()) -> bool:
+    """Send `KEY=value` lines (and `fds`, for FDSTORE=1) to $NOTIFY_SOCKET; False if there
+    is none or it failed."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
     address = "\0" + path[1:] if path.startswith("@") else path
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(address)
-            s.sendall("\n".join(lines).encode())
+            s.sendmsg(["\n".join(lines).encode()], ancillary if fds else [])
         return True
     except OSError as e:
         log.warning("sd_notify to %s failed: %s", path, e)
         return False
+
+
+def notify_available() -> bool:
+    """Whether a service manager listens for notifications (and so may keep fds)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
 
 
 def watchdog_interval() -> float | None:

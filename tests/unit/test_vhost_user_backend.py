@@ -291,7 +291,9 @@ class Rig:
         regions = self.guest.regions if regions is None else regions
         fds = [self.guest.fd() for _ in regions]
         self.ok(Request.SET_MEM_TABLE, MemoryTable(tuple(regions)), fds)
-        assert_closed(*fds)
+        # Kept open, not only mapped: a successor maps them again from the fd store.
+        assert sorted(fd for _, fd in self.backend.region_fds.values()) == sorted(fds)
+        assert_open(*fds)
         return fds
 
     def addr(self, index: int, size: int) -> VringAddr:
@@ -430,7 +432,7 @@ def test_qemu_11_1_sequence(make_rig: Callable[..., Rig]) -> None:
 
         memfd = guest.fd()
         rig.ok(Request.ADD_MEM_REG, SingleMemoryRegion(RAM), [memfd])
-        assert_closed(memfd)
+        assert b.region_fds[RAM][1] == memfd  # kept for the fd store
         assert b.memory is not None and b.memory.regions == (RAM,)
 
         kicks: dict[int, EventFd] = {}
@@ -498,8 +500,10 @@ def test_qemu_11_1_sequence(make_rig: Callable[..., Rig]) -> None:
         # The connection ends: everything that belonged to it is closed.
         fds = [fd for v in b.vrings for fd in (v.kick_fd, v.call_fd, v.err_fd) if fd is not None]
         assert len(fds) == 12  # call and err of every ring
+        fds.append(memfd)
         b.disconnected()
         assert_closed(*fds)
+        assert b.region_fds == {}
         assert_peer_closed(ours)  # the back-end channel is closed too
         assert b.backend_req_fd is None and b.memory is None
     assert dev.take() == []
@@ -724,18 +728,20 @@ def test_add_and_remove_regions(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig("low+ram")
     rig.negotiate()
     low, ram = LAYOUTS["low+ram"]
+    kept = {}
     for region in (low, ram):
-        fd = rig.guest.fd()
+        fd = kept[region] = rig.guest.fd()
         rig.ok(Request.ADD_MEM_REG, SingleMemoryRegion(region), [fd])
-        assert_closed(fd)
+        assert rig.backend.region_fds[region][1] == fd  # kept for the fd store
     assert rig.backend.memory is not None and rig.backend.memory.regions == (low, ram)
     rig.start_ring(0)
     rig.transfer(0, 2)
     # Older QEMUs attach the region's fd to REM_MEM_REG; it is closed.
     fd = rig.guest.fd()
     rig.ok(Request.REM_MEM_REG, SingleMemoryRegion(low), [fd])
-    assert_closed(fd)
+    assert_closed(fd, kept[low])  # the removed region's own fd goes too
     assert rig.backend.memory.regions == (ram,)
+    assert list(rig.backend.region_fds) == [ram]
     # Rings hold views into the mappings, so they stop around the change and resume.
     assert rig.device.take() == [("stopped", 0, 2), ("started", 0, 2)]
     rig.transfer(0, 2)

@@ -26,6 +26,7 @@ from virtqueue import (
     VIRTIO_F_RING_INDIRECT_DESC,
     GuestMemoryError,
     MappedMemory,
+    Region,
     VirtqueueError,
 )
 
@@ -99,6 +100,14 @@ class VhostUserBackend:
         self.status = 0
         self.needs_reset = False
         self.backend_req_fd: int | None = None
+        # The fds of the memory regions, kept open (not only mapped) so that a successor can
+        # map them again: region -> (fd store name, fd).
+        self.region_fds: dict[Region, tuple[str, int]] = {}
+        self._region_serial = 0
+        # Told of every fd this back end keeps (name, fd) and lets go of (name, None).
+        self.custody: Callable[[str, int | None], None] = lambda name, fd: None
+        for v in self.vrings:
+            v.custody = lambda name, fd: self.custody(name, fd)
         self._handlers: dict[Request, Callable[[Message], Payload | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -237,11 +246,11 @@ class VhostUserBackend:
             for which in ("kick", "call", "err"):
                 v.set_fd(which, None)
             v.enabled = False
-        close_fd(self.backend_req_fd)
-        self.backend_req_fd = None
+        self._set_backend_req(None)
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        self._forget_regions(list(self.region_fds))
         self.owned = False
         self.acked_protocol_features = ProtocolFeature(0)
 
@@ -316,10 +325,12 @@ class VhostUserBackend:
         except GuestMemoryError as e:
             fresh.close()
             raise MessageError(f"cannot map region: {e}") from None
-        close_fds(msg.fds)
         self._stop_all()
         if self.memory is not None:
             self.memory.close()
+        self._forget_regions(list(self.region_fds))
+        for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
+            self._keep_region(region, fd)
         self.memory = fresh
         for v in self.vrings:
             self._update(v)
@@ -333,7 +344,7 @@ class VhostUserBackend:
                 mem.add(region, fd)
             except GuestMemoryError as e:
                 raise MessageError(f"cannot map region: {e}") from None
-            close_fd(fd)
+            self._keep_region(region, fd)
 
         self._replace_memory(add)
 
@@ -343,9 +354,11 @@ class VhostUserBackend:
 
         def remove(mem: MappedMemory) -> None:
             try:
-                mem.remove(region.guest_phys_addr, region.size, region.userspace_addr)
+                removed = mem.remove(region.guest_phys_addr, region.size,
+                                     region.userspace_addr)
             except GuestMemoryError as e:
                 raise MessageError(f"no such region: {e}") from None
+            self._forget_regions([removed])
 
         self._replace_memory(remove)
         close_fds(msg.fds)
@@ -425,8 +438,27 @@ class VhostUserBackend:
         self._update(vring)
 
     def _set_backend_req_fd(self, msg: Message) -> None:
-        close_fd(self.backend_req_fd)
-        self.backend_req_fd = msg.fds[0]
+        self._set_backend_req(msg.fds[0])
+
+    def _set_backend_req(self, fd: int | None) -> None:
+        if self.backend_req_fd is not None:
+            self.custody("vu.req", None)
+            close_fd(self.backend_req_fd)
+        self.backend_req_fd = fd
+        if fd is not None:
+            self.custody("vu.req", fd)
+
+    def _keep_region(self, region: Region, fd: int) -> None:
+        name = f"vu.mem.{self._region_serial}"
+        self._region_serial += 1
+        self.region_fds[region] = (name, fd)
+        self.custody(name, fd)
+
+    def _forget_regions(self, regions: list[Region]) -> None:
+        for region in regions:
+            name, fd = self.region_fds.pop(region)
+            self.custody(name, None)
+            close_fd(fd)
 
     def _get_config(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, ConfigSpace)

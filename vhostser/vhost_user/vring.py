@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 from virtqueue import GuestMemory, SplitQueue
 
@@ -32,6 +33,8 @@ class Vring:
         self.err_fd: int | None = None
         self.enabled = False
         self.queue: SplitQueue | None = None
+        # Told of every fd the vring keeps (and None when it closes one): the fd store.
+        self.custody: Callable[[str, int | None], None] = lambda name, fd: None
 
     @property
     def started(self) -> bool:
@@ -74,13 +77,20 @@ class Vring:
             except OSError as e:
                 log.warning("vring %d: err eventfd write failed: %s", self.index, e)
 
+    def fd_name(self, which: str) -> str:
+        """The fd store's name of the kick, call or err fd."""
+        return f"vu.{which}.{self.index}"
+
     def set_fd(self, which: str, fd: int | None) -> None:
         """Replace the kick, call or err fd, closing the one it replaces."""
         attr = f"{which}_fd"
         old = getattr(self, attr)
         if old is not None and old != fd:
+            self.custody(self.fd_name(which), None)
             close_fd(old)
         setattr(self, attr, fd)
+        if fd is not None and fd != old:
+            self.custody(self.fd_name(which), fd)
 
     def reset(self) -> None:
         """Back to the state of a vring that was never configured."""

@@ -129,11 +129,17 @@ Deliver = Callable[[int, bytes], bool]
 class ConsoleCore:
     """The device's state and every decision about it; see the module doc."""
 
-    def __init__(self, state: DeviceState, deliver: Deliver) -> None:
+    def __init__(self, state: DeviceState, deliver: Deliver, *, resumed: bool = False) -> None:
+        """`resumed`: `state` is a predecessor's, and the rings about to start are the ones
+        it ran (until `resume_done`)."""
         if not 1 <= state.max_ports <= MAX_PORTS:
             raise ValueError(f"max_ports {state.max_ports} not in 1..{MAX_PORTS}")
         self.state = state
         self._deliver = deliver
+        self._resuming = resumed
+        # Called once a guest control message is handled, before its buffer is completed:
+        # the owner makes the state durable there (the state region).
+        self.checkpoint: Callable[[], None] = lambda: None
         self._outputs: deque[Output] = deque()
         # Runtime only, never serialized: the started rings, and per port the tx chain whose
         # bytes its backend refused (given back to its ring when the ring stops).
@@ -298,9 +304,17 @@ class ConsoleCore:
             # Nothing may wait here (there is no chain to hold): what cannot be taken is lost.
             port.counters.discarded["no-host"] += 1
 
+    def resume_done(self) -> None:
+        """Every ring the predecessor ran is running again."""
+        self._resuming = False
+
     def ring_started(self, index: int, ring: SplitQueue) -> None:
         """Queue `index` runs on `ring` from now on."""
         self._rings[index] = ring
+        if self._resuming:
+            return  # the state says where everything stands already
+        if index == CONTROL_TX:
+            self.state.control_tx_handled = ring.next_avail
         if not self.multiport and index == tx_queue(0) and 0 in self.state.ports:
             # Without MULTIPORT port 0 is a console the guest never announces: it is open
             # from the moment the driver runs its queues.
@@ -377,19 +391,28 @@ class ConsoleCore:
         return False
 
     def _serve_control_tx(self, ring: SplitQueue) -> bool:
-        # The guest busy-waits for each control buffer to come back: complete them at once.
+        # The guest busy-waits for each control buffer to come back: complete them at once,
+        # once handled and made durable.
         while (chain := self._pop(CONTROL_TX, ring)) is not None:
-            data = chain.read()
+            at = (ring.next_avail - 1) & 0xFFFF
+            if 0 < (self.state.control_tx_handled - at) & 0xFFFF <= ring.size:
+                log.info("control message %d was handled before the restart: completed", at)
+            else:
+                self._control_chain(chain.read())
+                self.state.control_tx_handled = (at + 1) & 0xFFFF
+                self.checkpoint()
             ring.push(chain.head, 0)
-            self.state.counters.control_from_guest += 1
-            try:
-                msg = control.parse(data)
-            except ControlError as e:
-                self.state.counters.bad_control += 1
-                log.warning("vring %d: bad control message ignored: %s", CONTROL_TX, e)
-                continue
-            self.control_from_guest(msg)
         return True
+
+    def _control_chain(self, data: bytes) -> None:
+        self.state.counters.control_from_guest += 1
+        try:
+            msg = control.parse(data)
+        except ControlError as e:
+            self.state.counters.bad_control += 1
+            log.warning("vring %d: bad control message ignored: %s", CONTROL_TX, e)
+            return
+        self.control_from_guest(msg)
 
     def control_from_guest(self, msg: ControlMessage) -> None:
         """One control message the guest sent (DEVICE_READY, PORT_READY, PORT_OPEN)."""

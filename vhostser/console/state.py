@@ -123,6 +123,10 @@ class DeviceState:
     acked_features: int = 0
     status: int = 0
     driver_ready: bool = False  # the guest sent DEVICE_READY(1) since the last reset
+    # The control tx ring's avail position after the last message handled: a successor that
+    # takes a message again from before it completes it without handling it twice (a second
+    # DEVICE_READY would be a reset).
+    control_tx_handled: int = 0
     control_out: deque[ControlMessage] = field(default_factory=deque)
     ports: dict[int, PortState] = field(default_factory=dict)
     counters: DeviceCounters = field(default_factory=DeviceCounters)
@@ -138,6 +142,7 @@ class DeviceState:
             "acked_features": self.acked_features,
             "status": self.status,
             "driver_ready": self.driver_ready,
+            "control_tx_handled": self.control_tx_handled,
             "control_out": [_b64(m.pack()) for m in self.control_out],
             "ports": {str(pid): _port_to_dict(p) for pid, p in sorted(self.ports.items())},
             "counters": asdict(self.counters),
@@ -161,6 +166,7 @@ class DeviceState:
             acked_features=r.get("acked_features", int),
             status=r.get("status", int),
             driver_ready=r.get("driver_ready", bool),
+            control_tx_handled=r.get("control_tx_handled", int) & 0xFFFF,
             counters=_counters(DeviceCounters, r.get("counters", dict), "device counters"),
         )
         for i, raw in enumerate(r.get("control_out", list)):

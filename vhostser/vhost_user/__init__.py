@@ -2,7 +2,7 @@
 
 from .backend import PROTOCOL_FEATURES, Outcome, VhostUserBackend
 from .connection import receive_message, send_backend_request, serve_connection
-from .errors import FramingError, MessageError, UnknownRequestError, VhostUserError
+from .errors import FramingError, MessageError, ResumeError, UnknownRequestError, VhostUserError
 from .interface import Device
 from .messages import (
     F_PROTOCOL_FEATURES,
@@ -28,6 +28,7 @@ __all__ = [
     "Outcome",
     "ProtocolFeature",
     "Request",
+    "ResumeError",
     "UnknownRequestError",
     "VhostUserBackend",
     "VhostUserError",

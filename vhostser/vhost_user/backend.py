@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from virtqueue import (
     MAX_QUEUE_SIZE,
@@ -31,7 +32,7 @@ from virtqueue import (
 )
 
 from ..fds import close_fd, close_fds
-from .errors import MessageError, UnknownRequestError
+from .errors import MessageError, ResumeError, UnknownRequestError
 from .interface import Device
 from .messages import (
     F_PROTOCOL_FEATURES,
@@ -253,6 +254,97 @@ class VhostUserBackend:
         self._forget_regions(list(self.region_fds))
         self.owned = False
         self.acked_protocol_features = ProtocolFeature(0)
+
+    # ------------------------------------------------------------------ continuity
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a successor needs to go on with the same front end without one message
+        (JSON-able; the fds themselves are in the fd store under the names given here)."""
+        return {
+            "acked_features": self.acked_features,
+            "acked_protocol_features": int(self.acked_protocol_features),
+            "owned": self.owned,
+            "status": self.status,
+            "needs_reset": self.needs_reset,
+            "region_serial": self._region_serial,
+            "regions": [
+                {"gpa": r.guest_phys_addr, "size": r.size, "uva": r.userspace_addr,
+                 "offset": r.mmap_offset, "fd": name}
+                for r, (name, _) in self.region_fds.items()
+            ],
+            "backend_req": self.backend_req_fd is not None,
+            "vrings": [
+                {
+                    "size": v.size,
+                    "addr": None if v.addr is None else [
+                        v.addr.flags, v.addr.desc, v.addr.used, v.addr.avail, v.addr.log],
+                    "base": v.base,
+                    "used_base": v.used_base,
+                    "enabled": v.enabled,
+                    "started": v.started,
+                    **{which: getattr(v, f"{which}_fd") is not None
+                       for which in ("kick", "call", "err")},
+                }
+                for v in self.vrings
+            ],
+        }
+
+    def resume(self, doc: Any, fd_of: Callable[[str], int | None]) -> None:
+        """Go on from a predecessor's `snapshot` with the fds it kept (`fd_of(name)`), on the
+        same connection: no message is exchanged and the guest notices nothing.
+
+        Every ring that was running starts again at the used index in guest memory, for both
+        its avail and used positions. That is exact because this device completes chains in
+        the order it takes them (a held chain is the last one taken): what lies between the
+        used index and the predecessor's avail position is at most one chain per queue, taken
+        but not completed, and it is taken again. Each such ring's call eventfd is signalled
+        once, in case the predecessor died between completing a chain and interrupting."""
+        try:
+            self._resume(doc, fd_of)
+        except (KeyError, TypeError, ValueError, GuestMemoryError) as e:
+            raise ResumeError(f"cannot resume the vhost-user state: {e!r}") from None
+
+    def _resume(self, doc: dict[str, Any], fd_of: Callable[[str], int | None]) -> None:
+        def need(name: str) -> int:
+            fd = fd_of(name)
+            if fd is None:
+                raise ValueError(f"fd {name} is not in the store")
+            return fd
+
+        if len(doc["vrings"]) != len(self.vrings):
+            raise ValueError(f"{len(doc['vrings'])} vrings, the device has {len(self.vrings)}")
+        self.acked_features = int(doc["acked_features"])
+        self.acked_protocol_features = ProtocolFeature(int(doc["acked_protocol_features"]))
+        self.owned, self.status = bool(doc["owned"]), int(doc["status"])
+        self.needs_reset = bool(doc["needs_reset"])
+        self._region_serial = int(doc["region_serial"])
+        memory = MappedMemory()
+        for r in doc["regions"]:
+            region = Region(int(r["gpa"]), int(r["size"]), int(r["uva"]), int(r["offset"]))
+            fd = need(str(r["fd"]))
+            memory.add(region, fd)
+            self.region_fds[region] = (str(r["fd"]), fd)
+        self.memory = memory if self.region_fds else None
+        if doc["backend_req"]:
+            self.backend_req_fd = need("vu.req")
+        running = []
+        for v, d in zip(self.vrings, doc["vrings"], strict=True):
+            v.size, v.base, v.used_base = int(d["size"]), int(d["base"]), int(d["used_base"])
+            v.enabled = bool(d["enabled"])
+            v.addr = None if d["addr"] is None else VringAddr(v.index, *map(int, d["addr"]))
+            for which in ("kick", "call", "err"):
+                setattr(v, f"{which}_fd", need(v.fd_name(which)) if d[which] else None)
+            if d["started"]:
+                running.append(v)
+        for v in running:
+            assert self.memory is not None and v.addr is not None
+            used = self.memory.translate_uva(v.addr.used, 6 + 8 * v.size)
+            v.base = v.used_base = int.from_bytes(self.memory.view(used + 2, 2), "little")
+            self._update(v)
+            if not v.started:
+                raise ValueError(f"vring {v.index} was running and does not start again")
+            log.info("vring %d resumed at %d", v.index, v.base)
+            v.notify()
 
     # ------------------------------------------------------------------ handlers
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 log = logging.getLogger("vhostser.systemd")
 
 SD_LISTEN_FDS_START = 3
+NOTIFY_TIMEOUT = 2.0
 
 
 def listen_fds(*, unset: bool = True) -> dict[str, list[int]]:
@@ -50,6 +51,8 @@ def notify(*lines: str, fds: Sequence[int] = ()) -> bool:
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            # The manager reads promptly; a bound keeps a stuck one from freezing the daemon.
+            s.settimeout(NOTIFY_TIMEOUT)
             s.connect(address)
             s.sendmsg(["\n".join(lines).encode()], ancillary if fds else [])
         return True
@@ -58,9 +61,18 @@ def notify(*lines: str, fds: Sequence[int] = ()) -> bool:
         return False
 
 
-def notify_available() -> bool:
-    """Whether a service manager listens for notifications (and so may keep fds)."""
-    return bool(os.environ.get("NOTIFY_SOCKET"))
+def fd_store_available() -> bool:
+    """Whether the service manager keeps fds for us: systemd ≥ 254 says so in $FDSTORE (its
+    FileDescriptorStoreMax=); older ones do not, so the unit says it (VHOSTSER_FDSTORE=1)."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return False
+    for var in ("FDSTORE", "VHOSTSER_FDSTORE"):
+        try:
+            if int(os.environ.get(var, "0")) > 0:
+                return True
+        except ValueError:
+            pass
+    return False
 
 
 def watchdog_interval() -> float | None:

@@ -139,7 +139,7 @@ class ConsoleCore:
         self._resuming = resumed
         # Called once a guest control message is handled, before its buffer is completed:
         # the owner makes the state durable there (the state region).
-        self.checkpoint: Callable[[], None] = lambda: None
+        self.checkpoint: Callable[[], object] = lambda: None
         self._outputs: deque[Output] = deque()
         # Runtime only, never serialized: the started rings, and per port the tx chain whose
         # bytes its backend refused (given back to its ring when the ring stops).

@@ -39,13 +39,15 @@ class ConsoleDevice:
         rows: int = 25,
         resize_rows_first: bool = False,
         vm_name: str = "",
+        resume: DeviceState | None = None,
     ) -> None:
+        """With `resume`, the device goes on from a predecessor's state: its ports are
+        `adopt_port`ed, not added, and its rings start where they were."""
         self._nursery = nursery
         self.vm_name = vm_name
-        self.core = ConsoleCore(
-            DeviceState(max_ports, cols=cols, rows=rows, resize_rows_first=resize_rows_first),
-            self._deliver,
-        )
+        state = resume or DeviceState(max_ports, cols=cols, rows=rows,
+                                      resize_rows_first=resize_rows_first)
+        self.core = ConsoleCore(state, self._deliver, resumed=resume is not None)
         self.ports: dict[int, Port] = {}
         self._backend_scopes: dict[int, trio.CancelScope] = {}
         self._runners: dict[int, tuple[trio.CancelScope, VringRunner]] = {}
@@ -80,6 +82,21 @@ class ConsoleDevice:
     ) -> Port:
         """Create a port (hotplug if the guest driver is up: DEVICE_ADD)."""
         self.core.add_port(config, first_session_id=first_session_id)
+        return self._attach(config, backend)
+
+    def adopt_port(self, config: PortConfig, backend: PortBackend) -> Port:
+        """Give a port of the resumed state its backend. The guest knows nothing of a
+        restart, so nothing is sent; the backend hears the open session again (a replay, as
+        after a state-file restore)."""
+        if config.id not in self.core.state.ports or config.id in self.ports:
+            raise ValueError(f"port {config.id} is not a resumed port without a backend")
+        port = self._attach(config, backend)
+        session = port.session
+        if session is not None:
+            backend.session_opened(session)
+        return port
+
+    def _attach(self, config: PortConfig, backend: PortBackend) -> Port:
         port = self.ports[config.id] = Port(self.core, config, backend, self.settle)
         scope = self._backend_scopes[config.id] = trio.CancelScope()
 

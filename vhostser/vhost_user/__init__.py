@@ -1,7 +1,7 @@
 """vhost-user: the message table, the sans-io back-end state machine and its trio connection."""
 
 from .backend import PROTOCOL_FEATURES, Outcome, VhostUserBackend
-from .connection import receive_message, send_backend_request, serve_connection
+from .connection import Journal, receive_message, send_backend_request, serve_connection
 from .errors import FramingError, MessageError, ResumeError, UnknownRequestError, VhostUserError
 from .interface import Device
 from .messages import (
@@ -23,6 +23,7 @@ __all__ = [
     "Device",
     "FramingError",
     "Header",
+    "Journal",
     "Message",
     "MessageError",
     "Outcome",

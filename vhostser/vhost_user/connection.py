@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import logging
 import socket
+from typing import Protocol
 
 import trio
 
@@ -64,7 +65,23 @@ async def receive_message(
     return header, body, fds
 
 
-async def serve_connection(sock: trio.socket.SocketType, backend: VhostUserBackend) -> None:
+class Journal(Protocol):
+    """Told of each request around its handling, so that a successor can finish one the
+    process died in (the state region keeps it)."""
+
+    def received(self, raw: bytes, with_fds: bool) -> None:
+        """A request (header and body as they came) is about to be handled."""
+
+    def handled(self, reply: bytes | None) -> None:
+        """It was handled; `reply` is about to be sent."""
+
+    def replied(self) -> None:
+        """The reply went out."""
+
+
+async def serve_connection(
+    sock: trio.socket.SocketType, backend: VhostUserBackend, journal: Journal | None = None
+) -> None:
     """Run one front end's conversation to its end; the backend outlives it."""
     try:
         while True:
@@ -79,13 +96,21 @@ async def serve_connection(sock: trio.socket.SocketType, backend: VhostUserBacke
             if message is None:
                 log.info("front end closed the connection")
                 return
-            outcome = backend.receive(*message)
+            header, body, fds = message
+            if journal is not None:
+                journal.received(HEADER.pack(header.request, header.flags, header.size) + body,
+                                 bool(fds))
+            outcome = backend.receive(header, body, fds)
+            if journal is not None:
+                journal.handled(outcome.reply)
             if outcome.reply is not None:
                 try:
                     await sock.send(outcome.reply)
                 except OSError as e:
                     log.warning("front-end connection failed sending a reply: %s", e)
                     return
+                if journal is not None:
+                    journal.replied()
             if outcome.close:
                 return
     finally:

@@ -28,8 +28,11 @@ import mmap
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .console.staging import HEADER_SIZE, Staging
 
 MAGIC = b"VHSRSTAT"
 LAYOUT = 1
@@ -180,3 +183,36 @@ class StateRegion:
         except ValueError:
             k = RequestKind.NONE
         return Request(generation, k, bytes(self._map[at : at + length]))
+
+
+class SharedStaging(Staging):
+    """A port's staging buffer in a memfd of its own, kept in the fd store, so that host
+    bytes staged for the guest outlive the process (see `console.staging`)."""
+
+    def __init__(self, fd: int, release: Callable[[], None]) -> None:
+        self.fd = fd
+        self._release = release
+        self._map = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED)
+        self._view = memoryview(self._map)
+        super().__init__(self._view)
+
+    @classmethod
+    def create(cls, capacity: int, keep: Callable[[int], None],
+               release: Callable[[], None]) -> SharedStaging:
+        fd = os.memfd_create("vhostser-staging", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, HEADER_SIZE + capacity)
+            staging = cls(fd, release)
+        except BaseException:
+            os.close(fd)
+            raise
+        keep(fd)
+        return staging
+
+    def close(self) -> None:
+        self._release()
+        self._ring.release()
+        self._buf.release()
+        self._view.release()
+        self._map.close()
+        os.close(self.fd)

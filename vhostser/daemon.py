@@ -15,9 +15,10 @@ import trio
 
 from . import state as state_mod
 from .config import PortSpec, VMConfig
-from .console import ConsoleDevice, DeviceState, Port
+from .console import ConsoleDevice, DeviceState, Port, PortConfig, PortState
 from .console.session import Input
-from .continuity import RequestKind, StateRegion
+from .console.staging import Staging
+from .continuity import RequestKind, SharedStaging, StateRegion
 from .custody import FdStore
 from .vhost_user import Header, VhostUserBackend, send_backend_request, serve_connection
 from .vhost_user.messages import HEADER
@@ -75,6 +76,7 @@ class Daemon:
             resume=None if resume is None else DeviceState.from_dict(resume["console"]),
         )
         self.device.core.checkpoint = self.checkpoint
+        self.device.core.new_staging = self._new_staging
         self.backend = VhostUserBackend(self.device)
         self.backend.custody = self._custody
         self.device.on_broken = self.backend.mark_needs_reset
@@ -97,12 +99,38 @@ class Daemon:
         for spec in cfg.ports:
             self.add_port(spec, saved.ports.get(spec.config.id))
 
+    def _new_staging(self, config: PortConfig) -> Staging:
+        if not self.store.enabled:
+            return Staging.in_memory(config.staging_limit)
+        name = f"port{config.id}.staging"
+        return SharedStaging.create(config.staging_limit,
+                                    keep=lambda fd: self._custody(name, fd),
+                                    release=lambda: self._custody(name, None))
+
+    def _resumed_staging(self, port: PortState) -> None:
+        """The staging buffer the predecessor shared is newer than its last snapshot."""
+        name = f"port{port.config.id}.staging"
+        fd = self.store.fd(name)
+        if fd is None:
+            return
+        try:
+            shared = SharedStaging(fd, release=lambda: self._custody(name, None))
+        except (OSError, ValueError) as e:
+            log.error("port %d: the stored staging buffer is unusable (%s): using the "
+                      "snapshot's", port.config.id, e)
+            return
+        if shared.capacity != port.config.staging_limit:
+            shared.close()
+            return
+        port.staging = shared
+
     def _adopt_ports(self) -> None:
         """The resumed device has its ports: each gets its backend from the config. A port the
         config no longer has, or has changed, is removed (and re-added), as a reload would."""
         resumed = self.device.state.ports
         wanted = {s.config.id: s for s in self.cfg.ports}
         for pid in sorted(resumed):
+            self._resumed_staging(resumed[pid])
             spec = wanted.get(pid)
             if spec is not None and spec.config == resumed[pid].config:
                 self.device.adopt_port(spec.config, spec.make_backend())

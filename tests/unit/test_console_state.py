@@ -94,7 +94,7 @@ def test_the_sample_holds_what_a_successor_needs() -> None:
         "A", "ready", 1, 2)
     assert doc["driver_ready"] is True and doc["version"] == 1
     state = DeviceState.from_dict(doc)
-    assert state.ports[1].staging == b"staged"
+    assert state.ports[1].staging.data() == b"staged"
     assert state.ports[1].session is State.A and state.ports[1].announce is Announce.READY
     assert [m.event for m in state.control_out] == [Event.PORT_OPEN]
 

@@ -600,19 +600,21 @@ async def test_echo_backend_bounded() -> None:
         assert g.control == [control.port_open(1, True)]
         g.apply(Input.GUEST_OPEN)
         assert g.write_chain(b"a" * 10)
-        assert g.write_chain(b"b" * 10)  # 6 bytes fit; the backend holds the other 4
-        assert port.staged == LIMIT
-        assert not g.write_chain(b"c" * 10)  # one held write at most: the guest waits
-        assert port.counters.bytes_from_guest == 20
-        assert drain(g) == b"a" * 10 + b"b" * 6
+        # 6 bytes of room: the write waits whole (no part of it is held only in the process,
+        # where a crash would lose it).
+        assert not g.write_chain(b"b" * 10)
+        assert port.staged == 10
+        assert port.counters.bytes_from_guest == 10
+        assert drain(g) == b"a" * 10
         await trio.testing.wait_all_tasks_blocked()
-        assert drain(g) == b"b" * 4
+        assert g.write_chain(b"b" * 10)
+        assert drain(g) == b"b" * 10
         assert g.write_chain(b"c" * 10)
         assert drain(g) == b"c" * 10
         nursery.cancel_scope.cancel()
 
 
-async def test_echo_backend_resumes_only_when_its_held_bytes_are_sent() -> None:
+async def test_echo_backend_resumes_only_when_the_refused_write_fits() -> None:
     port, _, g = make(backend=EchoBackend(), ready=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(port.backend.run)
@@ -620,13 +622,15 @@ async def test_echo_backend_resumes_only_when_its_held_bytes_are_sent() -> None:
         g.apply(Input.GUEST_OPEN)
         before = g.pokes["tx"]
         assert g.write_chain(b"a" * 10)
-        assert g.write_chain(b"b" * 10)
-        assert not g.write_chain(b"c" * 10)
+        assert not g.write_chain(b"b" * 10)
         await trio.testing.wait_all_tasks_blocked()
-        assert g.pokes["tx"] == before  # the 4 held bytes cannot be staged yet
-        drain(g)
+        assert g.pokes["tx"] == before  # 6 bytes of room, 10 needed
+        g.read(3)
         await trio.testing.wait_all_tasks_blocked()
-        assert g.pokes["tx"] == before + 1
+        assert g.pokes["tx"] == before  # 9: still not
+        g.read(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert g.pokes["tx"] == before + 1  # 10: the guest may write again
         nursery.cancel_scope.cancel()
 
 

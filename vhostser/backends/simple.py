@@ -19,22 +19,32 @@ class NullBackend(PortBackend):
 
 class EchoBackend(PortBackend):
     """A host peer that is always attached and sends every guest byte straight back, in the
-    same session. It holds at most one guest write that did not fit the port's staging buffer
-    and refuses more until that is sent, so a guest that writes faster than it reads is slowed
-    down, never buffered without bound."""
+    same session.
+
+    A guest write is taken only once all of it fits the port's staging buffer (the guest's
+    write waits meanwhile), so an echoed byte is never only in this process: staged bytes
+    outlive a restart (`console.staging`), and a write not yet taken is still in the guest's
+    ring. Only a write larger than the whole staging buffer is taken in parts, holding the
+    rest here (and refusing more until it is sent): a guest that writes faster than it reads
+    is slowed down, never buffered without bound."""
 
     def __init__(self) -> None:
         self._rest = b""
         self._rest_session: Session | None = None
-        self._has_rest = trio.Event()
+        self._waiting_for = 0  # room the refused write needs
+        self._wake = trio.Event()
 
     def guest_data(self, data: bytes) -> bool:
-        if self._rest:
+        if self._rest or self._waiting_for:
+            return False
+        if len(data) <= self.port.config.staging_limit and self.port.staging_room < len(data):
+            self._waiting_for = len(data)
+            self._wake.set()
             return False
         taken = self.port.send(data)
         if taken < len(data):
             self._rest, self._rest_session = data[taken:], self.port.session
-            self._has_rest.set()
+            self._wake.set()
         return True
 
     def session_closed(self, session: Session, reason: Reason) -> None:
@@ -44,10 +54,14 @@ class EchoBackend(PortBackend):
     async def run(self) -> None:
         self.port.host_attach()
         while True:
-            await self._has_rest.wait()
-            self._has_rest = trio.Event()
-            await self.port.send_all(self._rest, self._rest_session)
-            self._rest, self._rest_session = b"", None
+            await self._wake.wait()
+            self._wake = trio.Event()
+            if self._waiting_for:
+                await self.port.wait_room(self._waiting_for)
+                self._waiting_for = 0
+            if self._rest:
+                await self.port.send_all(self._rest, self._rest_session)
+                self._rest, self._rest_session = b"", None
             self.port.resume_guest_data()
 
 

@@ -36,6 +36,7 @@ from . import control, handshake
 from .control import ControlError, ControlMessage, Event
 from .handshake import HandshakeEffect, HandshakeInput
 from .session import Effect, Input, Reason, State, transition
+from .staging import Staging
 from .state import MAX_PORTS, DeviceState, PortConfig, PortState, Session
 
 log = logging.getLogger("vhostser.console")
@@ -110,7 +111,7 @@ class Wake:
 
 @dataclass(frozen=True, slots=True)
 class Credit:
-    """The port's staging buffer has room again: wake senders waiting for it."""
+    """The port's staging buffer gained room: wake senders waiting for it."""
 
     port_id: int
 
@@ -137,6 +138,9 @@ class ConsoleCore:
         self.state = state
         self._deliver = deliver
         self._resuming = resumed
+        # Where a new port's staged host bytes live (the daemon: a memfd in the fd store).
+        self.new_staging: Callable[[PortConfig], Staging] = (
+            lambda config: Staging.in_memory(config.staging_limit))
         # Called once a guest control message is handled, before its buffer is completed:
         # the owner makes the state durable there (the state region).
         self.checkpoint: Callable[[], object] = lambda: None
@@ -191,7 +195,8 @@ class ConsoleCore:
             raise ValueError(f"port {config.id} exists")
         if config.name and any(p.config.name == config.name for p in ports.values()):
             raise ValueError(f"a port is already named {config.name!r}")
-        port = ports[config.id] = PortState(config, next_session_id=first_session_id)
+        port = ports[config.id] = PortState(config, next_session_id=first_session_id,
+                                            staging=self.new_staging(config))
         if self.state.driver_ready and self.multiport:
             self._handshake(port, HandshakeInput.DRIVER_READY)
         elif not self.multiport and config.id == 0 and tx_queue(0) in self._rings:
@@ -206,6 +211,7 @@ class ConsoleCore:
         self._apply(port, Input.REMOVE)
         self._handshake(port, HandshakeInput.REMOVE)
         del self.state.ports[port_id]
+        port.staging.close()
         # Counted on the device: the port and its counters are gone.
         self._drop_held(port_id, "port-removed")
         log.info("port %d %r removed", port_id, port.config.name)
@@ -263,13 +269,12 @@ class ConsoleCore:
             return len(data)
         taken = min(self.staging_room(port_id), len(data))
         if taken > 0:
-            port.staging += data[:taken]
+            port.staging.append(data[:taken])
             self._outputs.append(Wake(rx_queue(port_id)))
         return taken
 
     def staging_room(self, port_id: int) -> int:
-        port = self.state.ports[port_id]
-        return max(0, port.config.staging_limit - len(port.staging))
+        return self.state.ports[port_id].staging.room
 
     def resume_guest_data(self, port_id: int) -> None:
         """The backend can take guest bytes again."""
@@ -480,19 +485,17 @@ class ConsoleCore:
             ring.push(chain.head, n)
         return False
 
-    def take_staged(self, port_id: int, n: int) -> memoryview:
+    def take_staged(self, port_id: int, n: int) -> memoryview | bytes:
         """The first n staged host bytes, to copy into a guest rx buffer (then `consumed`)."""
-        return memoryview(self.state.ports[port_id].staging)[:n]
+        return self.state.ports[port_id].staging.peek(n)
 
     def consumed(self, port_id: int, n: int) -> None:
         """n staged bytes went into one guest rx buffer."""
         port = self.state.ports[port_id]
-        was_full = self.staging_room(port_id) == 0
-        del port.staging[:n]
+        port.staging.consume(n)
         port.counters.bytes_to_guest += n
         port.counters.buffers_to_guest += 1
-        if was_full:
-            self._outputs.append(Credit(port_id))
+        self._outputs.append(Credit(port_id))
 
     def _serve_tx(self, ring: SplitQueue, port_id: int) -> bool:
         index = tx_queue(port_id)
@@ -657,10 +660,9 @@ class ConsoleCore:
 
     def _discard_staging(self, port: PortState, reason: str) -> None:
         if port.staging:
-            port.counters.discarded[reason] += len(port.staging)
-            log.info("port %d: %d queued bytes dropped (%s)", port.config.id,
-                     len(port.staging), reason)
-            port.staging.clear()
+            dropped = port.staging.clear()
+            port.counters.discarded[reason] += dropped
+            log.info("port %d: %d queued bytes dropped (%s)", port.config.id, dropped, reason)
             self._outputs.append(Credit(port.config.id))
 
     def guest_may_write(self, port_id: int) -> bool:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from .control import HEADER, ControlMessage, Event
 from .handshake import Announce
 from .session import State
+from .staging import Staging
 
 GuestWritePolicy = Literal["hold", "discard"]
 DEFAULT_STAGING = 64 * 1024
@@ -84,8 +85,12 @@ class PortState:
     announce: Announce = Announce.UNKNOWN
     session_id: int | None = None  # the open session (states A and D)
     next_session_id: int = 1
-    staging: bytearray = field(default_factory=bytearray)  # host bytes for the guest
+    staging: Staging = None  # type: ignore[assignment]  # host bytes for the guest
     counters: PortCounters = field(default_factory=PortCounters)
+
+    def __post_init__(self) -> None:
+        if self.staging is None:
+            self.staging = Staging.in_memory(self.config.staging_limit)
 
     @property
     def guest_ready(self) -> bool:
@@ -197,7 +202,7 @@ def _port_to_dict(p: PortState) -> dict[str, Any]:
         "announce": p.announce.value,
         "session_id": p.session_id,
         "next_session_id": p.next_session_id,
-        "staging": _b64(bytes(p.staging)),
+        "staging": _b64(p.staging.data()),
         "counters": p.counters.as_dict(),
     }
 
@@ -272,12 +277,12 @@ def _port_from_dict(doc: Any, where: str) -> PortState:
     ):
         raise StateError(f"device state: {where}: session {session.name} with id "
                          f"{session_id!r} and next id {next_id}")
-    staging = bytearray(_unb64(r.get("staging", str), f"{where}: staging"))
-    if len(staging) > config.staging_limit:
-        raise StateError(f"device state: {where}: {len(staging)} staged bytes over the "
+    staged = _unb64(r.get("staging", str), f"{where}: staging")
+    if len(staged) > config.staging_limit:
+        raise StateError(f"device state: {where}: {len(staged)} staged bytes over the "
                          f"port's limit {config.staging_limit}")
     return PortState(
         config=config, session=session, announce=announce, session_id=session_id,
-        next_session_id=next_id, staging=staging,
+        next_session_id=next_id, staging=Staging.in_memory(config.staging_limit, staged),
         counters=_counters(PortCounters, r.get("counters", dict), f"{where} counters"),
     )

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from vhostser.testing import sealed_memfd
 from vhostser.vhost_user import messages as m
 from vhostser.vhost_user.backend import (
     PROTOCOL_FEATURES,
@@ -206,8 +207,7 @@ class Guest:
 
     def __init__(self, regions: Sequence[Region]) -> None:
         self.regions = tuple(regions)
-        self.memfd = os.memfd_create("vhostser-test-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.memfd, max(r.mmap_offset + r.size for r in regions))
+        self.memfd = sealed_memfd("vhostser-test-ram", max(r.mmap_offset + r.size for r in regions))
         self.mem = MappedMemory()
         for r in self.regions:
             self.mem.add(r, self.memfd)

@@ -479,6 +479,23 @@ class FrontEnd:
         """SET_CONFIG: the driver writes config space (acked when REPLY_ACK is on)."""
         await self._qemu_request(Request.SET_CONFIG, ConfigSpace(offset, len(data), 0, data))
 
+    async def set_vring_fd(self, request: Request, index: int, fd: int) -> None:
+        """Give the back end `fd` as queue `index`'s kick, call or err eventfd (request
+        SET_VRING_KICK, SET_VRING_CALL or SET_VRING_ERR; acked when REPLY_ACK is on) and use
+        it from now on in place of the one it replaces, as QEMU does when it changes a
+        notifier. The front end owns `fd` from then on; refused (AckError), it is closed and
+        the old one stays."""
+        which = {Request.SET_VRING_KICK: "kick_fd", Request.SET_VRING_CALL: "call_fd",
+                 Request.SET_VRING_ERR: "err_fd"}[request]
+        vq = self._vq(index)
+        try:
+            await self._qemu_request(request, VringFile(index, False), fds=(fd,))
+        except BaseException:
+            os.close(fd)
+            raise
+        _close_watched(getattr(vq, which))
+        setattr(vq, which, fd)
+
     # ------------------------------------------------------------------ data plane
 
     def kick(self, index: int, *, force: bool = False) -> bool:

@@ -415,4 +415,5 @@ class Daemon:
             if backend_counters := port.backend.counter_values():
                 entry["backend"] = dict(backend_counters)
             ports[str(pid)] = entry
-        return {"device": self.device.counters.as_dict(), "ports": ports}
+        return {"device": self.device.counters.as_dict(), "ports": ports,
+                "vhost_user": self.backend.stats()}

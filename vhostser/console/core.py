@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ from virtqueue import (
     VIRTIO_F_VERSION_1,
     Chain,
     ChainError,
+    RingError,
     SplitQueue,
 )
 
+from ..logs import RateLimiter
 from . import control, handshake
 from .control import ControlError, ControlMessage, Event
 from .handshake import HandshakeEffect, HandshakeInput
@@ -59,6 +62,13 @@ CONTROL_RX, CONTROL_TX = 2, 3
 # Outgoing control messages wait here while the guest has no control buffer posted. 31 ports
 # need at most ~4 messages each per (re)announcement; the bound only catches a runaway.
 MAX_PENDING_CONTROL = 1024
+# The most guest bytes one tx chain may carry; a longer one is completed unread and counted.
+# Linux writes at most 32 KiB per chain; the walker only bounds a chain to 4 GiB, and its
+# buffers may all alias the same guest page, so without this bound one chain could make the
+# daemon copy gigabytes.
+MAX_TX_CHAIN_BYTES = 1 << 20
+# A guest's control messages are 8 bytes, in PAGE_SIZE buffers.
+MAX_CONTROL_CHAIN_BYTES = 4096
 
 
 def rx_queue(port_id: int) -> int:
@@ -121,7 +131,15 @@ class ConfigChanged:
     """The config space changed (console size): the front end must tell the guest."""
 
 
-Output = SessionOpened | SessionClosed | StateChanged | Wake | Credit | ConfigChanged
+@dataclass(frozen=True, slots=True)
+class RingBroken:
+    """The guest broke queue `index`; its port's queues are no longer served (the front end
+    may be told through the ring's err eventfd)."""
+
+    index: int
+
+
+Output = SessionOpened | SessionClosed | StateChanged | Wake | Credit | ConfigChanged | RingBroken
 
 # Asked for guest bytes of a port: True if the backend took them, False to hold them.
 Deliver = Callable[[int, bytes], bool]
@@ -130,7 +148,14 @@ Deliver = Callable[[int, bytes], bool]
 class ConsoleCore:
     """The device's state and every decision about it; see the module doc."""
 
-    def __init__(self, state: DeviceState, deliver: Deliver, *, resumed: bool = False) -> None:
+    def __init__(
+        self,
+        state: DeviceState,
+        deliver: Deliver,
+        *,
+        resumed: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """`resumed`: `state` is a predecessor's, and the rings about to start are the ones
         it ran (until `resume_done`)."""
         if not 1 <= state.max_ports <= MAX_PORTS:
@@ -145,10 +170,14 @@ class ConsoleCore:
         # the owner makes the state durable there (the state region).
         self.checkpoint: Callable[[], object] = lambda: None
         self._outputs: deque[Output] = deque()
-        # Runtime only, never serialized: the started rings, and per port the tx chain whose
-        # bytes its backend refused (given back to its ring when the ring stops).
+        # Every line the guest can make us log again and again goes through this.
+        self._limit = RateLimiter(log, clock=clock)
+        # Runtime only, never serialized: the started rings, per port the tx chain whose
+        # bytes its backend refused (given back to its ring when the ring stops), and the
+        # rings the guest broke (not served until started again).
         self._rings: dict[int, SplitQueue] = {}
         self._held: dict[int, tuple[Chain, bytes]] = {}
+        self._broken: dict[int, str] = {}
 
     @property
     def held_ports(self) -> list[int]:
@@ -297,14 +326,15 @@ class ConsoleCore:
 
     def set_config(self, offset: int, data: bytes) -> None:
         if offset != EMERG_WR_OFFSET or len(data) != 4:
-            log.warning("config write of %d bytes at %d ignored: only emerg_wr is writable",
-                        len(data), offset)
+            self._limit.warning("config writes", "config write of %d bytes at %d ignored: "
+                                "only emerg_wr is writable", len(data), offset)
             return
         # Emergency write: one character, usable before the queues exist (virtio §5.3.6).
         port = self.state.ports.get(0)
         if port is None:
             self.state.counters.bytes_on_missing_ports += 1
-            log.warning("emergency write of 0x%02x with no port 0: dropped", data[0])
+            self._limit.warning("emergency writes", "emergency write of 0x%02x with no port 0: "
+                                "dropped", data[0])
         elif not self.guest_bytes(0, bytes([data[0]])):
             # Nothing may wait here (there is no chain to hold): what cannot be taken is lost.
             port.counters.discarded["no-host"] += 1
@@ -314,8 +344,9 @@ class ConsoleCore:
         self._resuming = False
 
     def ring_started(self, index: int, ring: SplitQueue) -> None:
-        """Queue `index` runs on `ring` from now on."""
+        """Queue `index` runs on `ring` from now on (a ring broken before is set up anew)."""
         self._rings[index] = ring
+        self._broken.pop(index, None)
         if self._resuming:
             return  # the state says where everything stands already
         if index == CONTROL_TX:
@@ -336,12 +367,37 @@ class ConsoleCore:
         if held is not None:
             ring.give_back(held[0])
 
+    def ring_broken(self, index: int, reason: str) -> bool:
+        """The guest broke queue `index` (a RingError: nothing on it can be trusted). The
+        containment rule: a broken control queue is the device's (True: the caller marks it
+        NEEDS_RESET); a broken port queue is that port's alone (False): both its queues stop
+        being served until started again, counted and logged, and the control queue and the
+        other ports go on."""
+        where = port_of_queue(index)
+        if where is None:
+            return True
+        port_id = where[0]
+        if index in self._broken:
+            return False
+        for i in (rx_queue(port_id), tx_queue(port_id)):
+            self._broken.setdefault(i, reason)
+        self.state.counters.rings_broken += 1
+        self._limit.error(f"port {port_id}: broken rings",
+                          "vring %d (port %d) broken by the guest, the port's queues are no "
+                          "longer served (the control queue and other ports go on): %s",
+                          index, port_id, reason)
+        self._outputs.append(RingBroken(index))
+        return False
+
     # ================================================================== queue service
 
     def service(self, index: int) -> bool:
         """Serve the started queue `index`: True if it stopped for lack of guest buffers (so
         kicks are wanted), False if the device side is blocked (a Wake output follows when it
-        can go on). RingError propagates: the ring cannot be trusted any more."""
+        can go on). RingError propagates: the ring cannot be trusted any more (see
+        `ring_broken`). A broken port queue is not served."""
+        if index in self._broken:
+            return False
         ring = self._rings[index]
         if index == CONTROL_TX:
             return self._serve_control_tx(ring)
@@ -360,7 +416,9 @@ class ConsoleCore:
                 return ring.pop()
             except ChainError as e:
                 self._count_bad_chain("descriptor")
-                log.warning("vring %d: bad descriptor chain %d skipped: %s", index, e.head, e)
+                self._limit.warning(f"vring {index}: bad descriptor chains",
+                                    "vring %d: bad descriptor chain %d skipped: %s",
+                                    index, e.head, e)
                 ring.push(e.head, 0)
 
     # -- control queues
@@ -368,8 +426,9 @@ class ConsoleCore:
     def _queue_control(self, msg: ControlMessage) -> None:
         if len(self.state.control_out) >= MAX_PENDING_CONTROL:
             self.state.counters.control_overflow += 1
-            log.error("control queue to the guest full (%d): %s for port %d dropped",
-                      MAX_PENDING_CONTROL, msg.event.name, msg.id)
+            self._limit.error("control queue full", "control queue to the guest full (%d): "
+                              "%s for port %d dropped", MAX_PENDING_CONTROL, msg.event.name,
+                              msg.id)
             return
         self.state.control_out.append(msg)
         self._outputs.append(Wake(CONTROL_RX))
@@ -383,8 +442,9 @@ class ConsoleCore:
             data = pending[0].pack()
             if chain.writable_len < len(data):
                 self._count_bad_chain("control-rx-too-small")
-                log.warning("vring %d: control buffer of %d bytes < message of %d",
-                            CONTROL_RX, chain.writable_len, len(data))
+                self._limit.warning(f"vring {CONTROL_RX}: small control buffers",
+                                    "vring %d: control buffer of %d bytes < message of %d",
+                                    CONTROL_RX, chain.writable_len, len(data))
                 ring.push(chain.head, 0)
                 continue
             msg = pending.popleft()
@@ -399,6 +459,14 @@ class ConsoleCore:
         # The guest busy-waits for each control buffer to come back: complete them at once,
         # once handled and made durable.
         while (chain := self._pop(CONTROL_TX, ring)) is not None:
+            if chain.readable_len > MAX_CONTROL_CHAIN_BYTES:
+                self._count_bad_chain("control-tx-too-long")
+                self._limit.warning(f"vring {CONTROL_TX}: long control chains",
+                                    "vring %d: control chain %d of %d bytes (> %d) skipped",
+                                    CONTROL_TX, chain.head, chain.readable_len,
+                                    MAX_CONTROL_CHAIN_BYTES)
+                ring.push(chain.head, 0)
+                continue
             at = (ring.next_avail - 1) & 0xFFFF
             if 0 < (self.state.control_tx_handled - at) & 0xFFFF <= ring.size:
                 log.info("control message %d was handled before the restart: completed", at)
@@ -415,7 +483,8 @@ class ConsoleCore:
             msg = control.parse(data)
         except ControlError as e:
             self.state.counters.bad_control += 1
-            log.warning("vring %d: bad control message ignored: %s", CONTROL_TX, e)
+            self._limit.warning("bad control messages",
+                                "vring %d: bad control message ignored: %s", CONTROL_TX, e)
             return
         self.control_from_guest(msg)
 
@@ -427,8 +496,10 @@ class ConsoleCore:
         port = self.state.ports.get(msg.id)
         if port is None:
             self.state.counters.bad_control += 1
-            log.warning("control %s for port %d ignored: no such port (max_nr_ports %d)",
-                        msg.event.name, msg.id, self.state.max_ports)
+            self._limit.warning("control for missing ports",
+                                "control %s for port %d ignored: no such port "
+                                "(max_nr_ports %d)", msg.event.name, msg.id,
+                                self.state.max_ports)
             return
         if msg.event is Event.PORT_READY:
             self._handshake(port, HandshakeInput.PORT_READY if msg.value == 1
@@ -440,17 +511,20 @@ class ConsoleCore:
                 self._flush_guest_tx(port)
                 self._apply(port, Input.GUEST_CLOSE)
         else:
-            log.warning("port %d: PORT_OPEN(%d) before PORT_READY ignored", msg.id, msg.value)
+            self._limit.warning("early PORT_OPEN", "port %d: PORT_OPEN(%d) before PORT_READY "
+                                "ignored", msg.id, msg.value)
 
     def _device_ready(self, value: int) -> None:
         self.state.counters.device_ready += 1
         if value != 1:
-            log.warning("the guest driver failed to initialise the device (DEVICE_READY %d)", value)
+            self._limit.warning("DEVICE_READY failed", "the guest driver failed to initialise "
+                                "the device (DEVICE_READY %d)", value)
             return
         if self.state.driver_ready:
             # The driver initialised the device again (reboot, driver reload) without a front-end
             # reset: every session of the old driver instance ends here.
-            log.info("DEVICE_READY again: the guest driver restarted; resetting sessions")
+            self._limit.info("DEVICE_READY again", "DEVICE_READY again: the guest driver "
+                             "restarted; resetting sessions")
             self._reset_sessions()
         self.state.driver_ready = True
         for port_id in sorted(self.state.ports):
@@ -476,8 +550,9 @@ class ConsoleCore:
                 return True
             if not chain.writable:
                 self._count_bad_chain("rx-readonly")
-                log.warning("vring %d (port %d): rx chain %d has no writable buffer",
-                            index, port_id, chain.head)
+                self._limit.warning(f"vring {index}: read-only rx chains",
+                                    "vring %d (port %d): rx chain %d has no writable buffer",
+                                    index, port_id, chain.head)
                 ring.push(chain.head, 0)
                 continue
             n = chain.write(self.take_staged(port_id, chain.writable_len))
@@ -508,22 +583,39 @@ class ConsoleCore:
                 chain = self._pop(index, ring)
                 if chain is None:
                     return True
-                if chain.writable:
-                    self._count_bad_chain("tx-writable")
-                    log.warning("vring %d (port %d): tx chain %d has device-writable buffers",
-                                index, port_id, chain.head)
+                if not self._tx_chain_usable(index, port_id, chain):
                     ring.push(chain.head, 0)
                     continue
                 held = (chain, chain.read())
             chain, data = held
-            if port is None:
-                self._count_missing(port_id, index, len(data))
-                ring.push(chain.head, 0)
-                continue
             if not self.guest_bytes(port_id, data):
                 self._held[port_id] = held
                 return False
             ring.push(chain.head, 0)
+
+    def _tx_chain_usable(self, index: int, port_id: int, chain: Chain) -> bool:
+        """Whether the bytes of a tx chain may be read (copied) at all; if not, the chain is
+        to be completed empty, and what it held is counted here. Decided from the descriptor
+        lengths, before any copy."""
+        if chain.writable:
+            self._count_bad_chain("tx-writable")
+            self._limit.warning(f"vring {index}: writable tx chains",
+                                "vring %d (port %d): tx chain %d has device-writable buffers",
+                                index, port_id, chain.head)
+            return False
+        port = self.state.ports.get(port_id)
+        if port is None:
+            self._count_missing(port_id, index, chain.readable_len)
+            return False
+        if chain.readable_len > MAX_TX_CHAIN_BYTES:
+            self._count_bad_chain("tx-too-long")
+            port.counters.discarded["too-long"] += chain.readable_len
+            self._limit.warning(f"vring {index}: long tx chains",
+                                "vring %d (port %d): tx chain %d of %d bytes (> %d) dropped "
+                                "unread", index, port_id, chain.head, chain.readable_len,
+                                MAX_TX_CHAIN_BYTES)
+            return False
+        return True
 
     def _flush_guest_tx(self, port: PortState) -> None:
         """Before a guest close ends the session, deliver what the guest wrote before closing
@@ -532,20 +624,30 @@ class ConsoleCore:
         ring = self._rings.get(index)
         if ring is None:
             return
-        self._serve_tx(ring, port.config.id)
-        self._drop_held(port.config.id, "stale")
-        # Chains still in the ring were written in the closing session and could not be taken
-        # (a slow or absent host peer): they must never reach the next session. Linux's close
-        # waits for the device to consume PORT_OPEN(0), so nothing of a later open is there.
+        if index not in self._broken:
+            try:
+                self._serve_tx(ring, port.config.id)
+                self._drop_held(port.config.id, "stale")
+                self._drop_unsent(port, index, ring)
+            except RingError as e:
+                # This runs for the control queue: the port's broken ring stays the port's.
+                self.ring_broken(index, str(e))
+        self._drop_held(port.config.id, "stale")  # what a broken ring left held, if anything
+        self._outputs.append(Wake(index))  # its runner tells the guest of the used buffers
+
+    def _drop_unsent(self, port: PortState, index: int, ring: SplitQueue) -> None:
+        """Chains still in the ring were written in the closing session and could not be taken
+        (a slow or absent host peer): they must never reach the next session. Linux's close
+        waits for the device to consume PORT_OPEN(0), so nothing of a later open is there."""
         dropped = 0
         while (chain := self._pop(index, ring)) is not None:
+            port.counters.discarded["stale"] += chain.readable_len
             dropped += chain.readable_len
             ring.push(chain.head, 0)
         if dropped:
-            port.counters.discarded["stale"] += dropped
-            log.info("port %d: %d unsent guest bytes of the closed session dropped (stale)",
-                     port.config.id, dropped)
-        self._outputs.append(Wake(index))  # its runner tells the guest of the used buffers
+            self._limit.info(f"port {port.config.id}: unsent bytes dropped",
+                             "port %d: %d unsent guest bytes of the closed session dropped "
+                             "(stale)", port.config.id, dropped)
 
     def _drop_held(self, port_id: int, reason: str) -> None:
         """Drop a held tx chain's bytes (counted) and give the guest its buffer back."""
@@ -558,7 +660,8 @@ class ConsoleCore:
             port.counters.discarded[reason] += len(data)
         else:
             self.state.counters.bytes_on_missing_ports += len(data)
-        log.info("port %d: %d held guest bytes dropped (%s)", port_id, len(data), reason)
+        self._limit.info(f"port {port_id}: held bytes dropped",
+                         "port %d: %d held guest bytes dropped (%s)", port_id, len(data), reason)
         index = tx_queue(port_id)
         ring = self._rings.get(index)
         if ring is not None:
@@ -568,12 +671,10 @@ class ConsoleCore:
     def _count_missing(self, port_id: int, index: int, nbytes: int) -> None:
         """Guest bytes on the queue of a port that does not exist (removed, never added)."""
         counters = self.state.counters
-        before = counters.bytes_on_missing_ports
         counters.bytes_on_missing_ports += nbytes
-        # A log line for the first bytes and then one per MiB, not one per chain.
-        if before == 0 or before >> 20 != counters.bytes_on_missing_ports >> 20:
-            log.warning("vring %d: guest bytes for port %d, which does not exist, dropped "
-                        "(%d bytes so far)", index, port_id, counters.bytes_on_missing_ports)
+        self._limit.warning(f"vring {index}: bytes for a missing port",
+                            "vring %d: guest bytes for port %d, which does not exist, dropped "
+                            "(%d bytes so far)", index, port_id, counters.bytes_on_missing_ports)
 
     def _count_bad_chain(self, kind: str) -> None:
         bad = self.state.counters.bad_chains
@@ -606,7 +707,8 @@ class ConsoleCore:
             elif effect is HandshakeEffect.REJECT_OPEN:
                 self.state.counters.bad_control += 1
             elif effect is HandshakeEffect.SETUP_FAILED:
-                log.warning("port %d: the guest failed to set it up (PORT_READY 0)", pid)
+                self._limit.warning("PORT_READY failed",
+                                    "port %d: the guest failed to set it up (PORT_READY 0)", pid)
             elif effect is HandshakeEffect.DROP_QUEUED:
                 # Messages for the port not yet delivered must not reach the guest after it
                 # is gone.
@@ -662,7 +764,9 @@ class ConsoleCore:
         if port.staging:
             dropped = port.staging.clear()
             port.counters.discarded[reason] += dropped
-            log.info("port %d: %d queued bytes dropped (%s)", port.config.id, dropped, reason)
+            self._limit.info(f"port {port.config.id}: staged bytes dropped",
+                             "port %d: %d queued bytes dropped (%s)", port.config.id,
+                             dropped, reason)
             self._outputs.append(Credit(port.config.id))
 
     def guest_may_write(self, port_id: int) -> bool:

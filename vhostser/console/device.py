@@ -16,7 +16,7 @@ import trio
 
 from ..vhost_user.runner import VringRunner
 from ..vhost_user.vring import Vring
-from .core import ConfigChanged, ConsoleCore, Wake
+from .core import ConfigChanged, ConsoleCore, RingBroken, Wake
 from .port import Port, PortBackend
 from .session import Input
 from .state import DeviceCounters, DeviceState, PortConfig
@@ -51,6 +51,7 @@ class ConsoleDevice:
         self.ports: dict[int, Port] = {}
         self._backend_scopes: dict[int, trio.CancelScope] = {}
         self._runners: dict[int, tuple[trio.CancelScope, VringRunner]] = {}
+        # Called when the device itself cannot go on (a broken control queue): NEEDS_RESET.
         self.on_broken: Callable[[Vring | None, str], None] = lambda vring, reason: None
         # Called when the config space changed (console size) so the front end tells the guest.
         self.on_config_change: Callable[[], None] = lambda: None
@@ -167,6 +168,9 @@ class ConsoleDevice:
                         entry[1].poke()
                 elif isinstance(out, ConfigChanged):
                     self.on_config_change()
+                elif isinstance(out, RingBroken):
+                    if (entry := self._runners.get(out.index)) is not None:
+                        entry[1].vring.signal_error()
                 elif (port := self.ports.get(out.port_id)) is not None:
                     port.carry_out(out)
 
@@ -201,7 +205,7 @@ class ConsoleDevice:
         assert vring.queue is not None
         index = vring.index
         scope = trio.CancelScope()
-        runner = VringRunner(vring, lambda: self._serve(index), self.on_broken)
+        runner = VringRunner(vring, lambda: self._serve(index), self._ring_broken)
         self._runners[index] = (scope, runner)
 
         async def run() -> None:
@@ -224,6 +228,12 @@ class ConsoleDevice:
 
     def reset(self) -> None:
         self.core.reset()
+        self.settle()
+
+    def _ring_broken(self, vring: Vring, reason: str) -> None:
+        # The core applies the containment rule: a port's ring is the port's alone.
+        if self.core.ring_broken(vring.index, reason):
+            self.on_broken(vring, reason)
         self.settle()
 
     def _serve(self, index: int) -> bool:

@@ -69,7 +69,8 @@ class PortCounters:
     redundant_events: int = 0
     # bytes dropped, by reason: guest-closed (host→guest while ¬G), no-host (guest→host with
     # the discard policy), stale (queued for a session that ended), console-overflow,
-    # no-session (guest wrote after the host ended its session)
+    # no-session (guest wrote after the host ended its session), too-long (a tx chain over
+    # MAX_TX_CHAIN_BYTES, completed unread)
     discarded: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
@@ -113,7 +114,8 @@ class DeviceCounters:
     device_ready: int = 0
     bytes_on_missing_ports: int = 0
     backend_failures: int = 0
-    bad_chains: dict[str, int] = field(default_factory=dict)
+    bad_chains: dict[str, int] = field(default_factory=dict)  # by kind, completed unread
+    rings_broken: int = 0  # port rings the guest broke (RingError), contained to the port
 
     def as_dict(self) -> dict[str, object]:
         return dict(vars(self))

@@ -8,8 +8,10 @@ only moves bytes and fds in and out.
 
 Error policy, in one place (see `receive`):
 - a message that cannot be framed or trusted → close the connection (FramingError);
-- a well-framed but invalid request → log a line naming it, answer a failure ack when the front
-  end asked for one (REPLY_ACK + NEED_REPLY), ignore it otherwise and carry on;
+- a well-framed but invalid request → log a line naming it (rate-limited), count it, answer a
+  failure ack when the front end asked for one (REPLY_ACK + NEED_REPLY), ignore it otherwise
+  and carry on; an fd of the wrong kind (the request table says which kind) is such a request,
+  rejected before any handler, poll or read sees the fd;
 - an invalid request the front end waits a real answer for (GET_*) → close the connection,
   since no answer we could give would be true.
 """
@@ -17,6 +19,8 @@ Error policy, in one place (see `receive`):
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +35,8 @@ from virtqueue import (
     VirtqueueError,
 )
 
-from ..fds import close_fd, close_fds
+from ..fds import FdKindError, accept_fd, close_fd, close_fds
+from ..logs import RateLimiter
 from .errors import MessageError, ResumeError, UnknownRequestError
 from .interface import Device
 from .messages import (
@@ -76,6 +81,14 @@ PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 509
 
 
+def _known_name(code: int) -> str:
+    """A request's name, or "unknown": a bounded set of keys for counters and log limits."""
+    try:
+        return Request(code).name
+    except ValueError:
+        return "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What the connection does after one message."""
@@ -91,9 +104,14 @@ class VhostUserBackend:
     (its sessions survive); `disconnected()` drops what belonged to the old connection.
     """
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.device = device
         self.vrings = [Vring(i) for i in range(device.num_queues)]
+        # Requests rejected and fds of the wrong kind, by request name ("unknown" for codes
+        # outside the Request enum, so a front end cannot grow these without bound).
+        self.rejected: Counter[str] = Counter()
+        self.bad_fds: Counter[str] = Counter()
+        self._limit = RateLimiter(log, clock=clock)
         self.memory: MappedMemory | None = None
         self.owned = False
         self.acked_features = 0
@@ -145,6 +163,7 @@ class VhostUserBackend:
         name = request_name(header.request)
         try:
             msg = decode(header, body, fds)
+            self._accept_fds(msg)
             log.debug("%s flags=0x%x %s fds=%d", name, msg.flags, msg.payload, len(msg.fds))
             # A handler owns the fds once it returns; if it raises, it has kept none of them.
             result = self._handlers[msg.request](msg)
@@ -156,13 +175,16 @@ class VhostUserBackend:
                 self.mark_needs_reset(None, f"{name} failed: {e!r}")
                 e = MessageError(f"internal error: {e!r}")
             close_fds(fds)
+            kind = _known_name(header.request)
+            self.rejected[kind] += 1
             expects_answer = not isinstance(e, UnknownRequestError) and (
                 REQUESTS[Request(header.request)].reply is not None
             )
             if expects_answer:
-                log.warning("%s: rejected, closing the connection: %s", name, e)
+                self._limit.warning(f"{kind} rejected", "%s: rejected, closing the connection: "
+                                    "%s", name, e)
                 return Outcome(close=True)
-            log.warning("%s: rejected: %s", name, e)
+            self._limit.warning(f"{kind} rejected", "%s: rejected: %s", name, e)
             if header.need_reply and self._reply_ack:
                 return Outcome(encode_reply(header.request, U64(1)))
             return Outcome()
@@ -177,7 +199,33 @@ class VhostUserBackend:
     def _reply_ack(self) -> bool:
         return bool(self.acked_protocol_features & ProtocolFeature.REPLY_ACK)
 
+    def stats(self) -> dict[str, Any]:
+        """The protocol's counters, for the daemon's stats."""
+        return {
+            "rejected": dict(self.rejected),
+            "bad_fds": dict(self.bad_fds),
+            "eventfd_failures": {
+                str(v.index): dict(v.eventfd_failures) for v in self.vrings if v.eventfd_failures
+            },
+        }
+
     # ------------------------------------------------------------------ helpers
+
+    def _accept_fds(self, msg: Message) -> None:
+        """Every fd of the message checked for the kind the request table names, and made
+        non-blocking, before a handler keeps it (the containment rule of fds.py)."""
+        kind = msg.spec.fd_kind
+        if kind is None:
+            return
+        for i, fd in enumerate(msg.fds):
+            try:
+                accept_fd(fd, kind)
+            except FdKindError as e:
+                self.bad_fds[msg.request.name] += 1
+                where = f"vring {msg.payload.index}: " if isinstance(msg.payload, VringFile) else ""
+                if len(msg.fds) > 1:
+                    where += f"fd {i + 1} of {len(msg.fds)}: "
+                raise MessageError(f"{where}{e}") from None
 
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < len(self.vrings):
@@ -206,7 +254,8 @@ class VhostUserBackend:
                     indirect=bool(self.acked_features & VIRTIO_F_RING_INDIRECT_DESC),
                 )
             except VirtqueueError as e:
-                log.warning("vring %d: cannot start: %s", vring.index, e)
+                self._limit.warning(f"vring {vring.index} cannot start",
+                                    "vring %d: cannot start: %s", vring.index, e)
                 return
             log.debug("vring %d started at avail %d", vring.index, vring.base)
             self.device.queue_started(vring)
@@ -227,7 +276,8 @@ class VhostUserBackend:
 
     def mark_needs_reset(self, vring: Vring | None, reason: str) -> None:
         """The device found the driver's state unusable: DEVICE_NEEDS_RESET, per virtio."""
-        log.error("device needs reset%s: %s", f" (vring {vring.index})" if vring else "", reason)
+        self._limit.error("device needs reset", "device needs reset%s: %s",
+                          f" (vring {vring.index})" if vring else "", reason)
         self.needs_reset = True
         if vring is not None:
             vring.signal_error()
@@ -430,6 +480,11 @@ class VhostUserBackend:
     def _add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleMemoryRegion)
         region, fd = msg.payload.region, msg.fds[0]
+        if self.memory is not None and len(self.memory.regions) >= MAX_MEM_SLOTS:
+            raise MessageError(
+                f"region at guest 0x{region.guest_phys_addr:x}: all {MAX_MEM_SLOTS} memory "
+                "slots (GET_MAX_MEM_SLOTS) are in use"
+            )
 
         def add(mem: MappedMemory) -> None:
             try:

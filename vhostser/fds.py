@@ -35,6 +35,8 @@ class FdKind(enum.Enum):
     # Guest memory: mmap'ed, never read or polled; a regular file is what has a size to check
     # against the region (a memfd, a hugetlbfs or tmpfs file). Device DAX is not supported.
     MEMORY = "a regular file (memfd, hugetlbfs, tmpfs)"
+    # A device-state transfer channel: read or written sequentially to its end.
+    STREAM = "a pipe or a stream socket"
 
 
 class FdKindError(ValueError):
@@ -91,6 +93,9 @@ def _is_kind(fd: int, kind: FdKind) -> bool:
         return False
     if kind is FdKind.MEMORY:
         return stat.S_ISREG(mode)
+    if kind is FdKind.STREAM:
+        return stat.S_ISFIFO(mode) or (
+            stat.S_ISSOCK(mode) and (_socket_of(fd) or (0, 0))[1] == socket.SOCK_STREAM)
     return stat.S_ISSOCK(mode) and _socket_of(fd) == (socket.AF_UNIX, socket.SOCK_STREAM)
 
 

@@ -134,7 +134,7 @@ MAKERS: dict[str, tuple[Callable[[Path], int], str]] = {
     "epoll": (_epoll, "anon_inode:[eventpoll]"),
 }
 FITS = {FdKind.EVENTFD: {"eventfd"}, FdKind.UNIX_STREAM: {"unix-stream"},
-        FdKind.MEMORY: {"regular-file", "memfd"}}
+        FdKind.MEMORY: {"regular-file", "memfd"}, FdKind.STREAM: {"dead-pipe", "unix-stream"}}
 
 
 @pytest.mark.parametrize("kind", list(FdKind), ids=[k.name for k in FdKind])

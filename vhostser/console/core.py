@@ -37,7 +37,7 @@ from virtqueue import (
 from ..logs import RateLimiter
 from . import control, handshake
 from .control import ControlError, ControlMessage, Event
-from .handshake import HandshakeEffect, HandshakeInput
+from .handshake import Announce, HandshakeEffect, HandshakeInput
 from .session import Effect, Input, Reason, State, transition
 from .staging import Staging
 from .state import MAX_PORTS, DeviceState, PortConfig, PortState, Session
@@ -258,6 +258,51 @@ class ConsoleCore:
         assert session is not None
         log.info("%s: session %d restored (guest had it open)", self._who(port), session_id)
         self._outputs.append(SessionOpened(port_id, session))
+
+    def adopt(self, source: DeviceState) -> None:
+        """Go on from a migration source's state (VHOST_USER_SET_DEVICE_STATE_FD): the guest's
+        side of every port — handshake, open session and its id, what it was told — comes from
+        `source`; the host side (which backends have a peer) stays this daemon's, and the guest
+        is told where that differs. The guest's open sessions are replayed to the backends; no
+        session id is reused. A port only the source had is removed (DEVICE_REMOVE), one only
+        this daemon has is hot-plugged."""
+        if source.max_ports != self.state.max_ports:
+            raise ValueError(f"the source has max_ports {source.max_ports}, this device "
+                             f"{self.state.max_ports}")
+        local, mine = self.state, self.state.ports
+        for field_name in ("cols", "rows", "acked_features", "status", "driver_ready",
+                           "control_tx_handled"):
+            setattr(local, field_name, getattr(source, field_name))
+        local.control_out = deque(m for m in source.control_out if m.id in mine)
+        for pid, theirs in sorted(source.ports.items()):
+            port = mine.get(pid)
+            if port is None:
+                if theirs.announce in (Announce.ADDED, Announce.READY):
+                    self._queue_control(control.device_remove(pid))
+                continue
+            host = port.session.host_open
+            port.announce = theirs.announce
+            port.session_id = theirs.session_id
+            port.next_session_id = max(port.next_session_id, theirs.next_session_id)
+            if theirs.session is State.E:
+                port.session = State.E
+            elif theirs.session.in_session:
+                port.session = State.A if host else State.D
+            else:
+                port.session = State.C if host else State.B
+            if port.session_id is not None:
+                port.staging.append(theirs.staging.data())
+                session = port.current_session
+                assert session is not None
+                self._outputs.append(SessionOpened(pid, session))
+            if port.guest_ready and theirs.session.host_open != port.session.host_open:
+                self._queue_control(control.port_open(pid, port.session.host_open))
+        for pid, port in sorted(mine.items()):
+            if pid not in source.ports:
+                port.announce = Announce.UNKNOWN
+                if local.driver_ready and self.multiport:
+                    self._handshake(port, HandshakeInput.DRIVER_READY)
+        log.info("device state adopted from a migration source (%d ports)", len(mine))
 
     def resize(self, port_id: int, cols: int, rows: int) -> None:
         """A console port's size changed: RESIZE (multiport) or the config space (port 0)."""

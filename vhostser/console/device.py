@@ -9,6 +9,7 @@ wake-ups, credit for blocked senders, config changes. It decides nothing itself.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -19,10 +20,11 @@ from ..vhost_user.vring import Vring
 from .core import ConfigChanged, ConsoleCore, RingBroken, Wake
 from .port import Port, PortBackend
 from .session import Input
-from .state import DeviceCounters, DeviceState, PortConfig
+from .state import DeviceCounters, DeviceState, PortConfig, StateError
 
 log = logging.getLogger("vhostser.console")
 
+MIGRATION_VERSION = 1
 # How long a backend may take to flush its peers when its port goes away or the daemon stops.
 BACKEND_DRAIN_GRACE = 1.0
 
@@ -221,6 +223,18 @@ class ConsoleDevice:
         if entry is not None:
             entry[0].cancel()
         self.core.ring_stopped(vring.index)
+        self.settle()
+
+    def save_state(self) -> bytes:
+        return json.dumps({"version": MIGRATION_VERSION,
+                           "console": self.core.state.to_dict()}).encode()
+
+    def load_state(self, data: bytes) -> None:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("version") != MIGRATION_VERSION:
+            raise StateError(f"migration state version {doc.get('version')!r} "
+                             f"(this daemon loads {MIGRATION_VERSION})")
+        self.core.adopt(DeviceState.from_dict(doc["console"]))
         self.settle()
 
     def status_changed(self, status: int) -> None:

@@ -99,6 +99,7 @@ IMPLEMENTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
+    | ProtocolFeature.DEVICE_STATE
 )
 DEFAULT_MEM_SIZE = 16 << 20
 STATUS_FEATURES_OK = 0x8

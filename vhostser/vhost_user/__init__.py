@@ -1,6 +1,6 @@
 """vhost-user: the message table, the sans-io back-end state machine and its trio connection."""
 
-from .backend import PROTOCOL_FEATURES, Outcome, VhostUserBackend
+from .backend import PROTOCOL_FEATURES, Outcome, Transfer, VhostUserBackend
 from .connection import Journal, receive_message, send_backend_request, serve_connection
 from .errors import FramingError, MessageError, ResumeError, UnknownRequestError, VhostUserError
 from .interface import Device
@@ -30,6 +30,7 @@ __all__ = [
     "ProtocolFeature",
     "Request",
     "ResumeError",
+    "Transfer",
     "UnknownRequestError",
     "VhostUserBackend",
     "VhostUserError",

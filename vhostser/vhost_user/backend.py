@@ -46,6 +46,7 @@ from .messages import (
     U64,
     BackendRequest,
     ConfigSpace,
+    DeviceStateTransfer,
     Header,
     MemoryTable,
     Message,
@@ -53,6 +54,8 @@ from .messages import (
     ProtocolFeature,
     Request,
     SingleMemoryRegion,
+    TransferDirection,
+    TransferPhase,
     VringAddr,
     VringFile,
     VringState,
@@ -76,7 +79,11 @@ PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
+    | ProtocolFeature.DEVICE_STATE
 )
+# SET_DEVICE_STATE_FD's reply: bits 0-7 an error, bit 8 "no fd of the back end's own comes".
+TRANSFER_NO_FD = 1 << 8
+MAX_DEVICE_STATE = 64 << 20
 # KVM's memory-slot limit, which is also what QEMU and libvhost-user use.
 MAX_MEM_SLOTS = 509
 
@@ -90,11 +97,22 @@ def _known_name(code: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Transfer:
+    """A device-state transfer the connection carries out after the reply: write `data` to
+    `fd` (SAVE) or read `fd` to its end (LOAD, `data` None), then close `fd` and tell
+    `VhostUserBackend.transfer_done`."""
+
+    fd: int
+    data: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What the connection does after one message."""
 
     reply: bytes | None = None
     close: bool = False
+    transfer: Transfer | None = None
 
 
 class VhostUserBackend:
@@ -153,7 +171,11 @@ class VhostUserBackend:
             Request.REM_MEM_REG: self._rem_mem_reg,
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
+            Request.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            Request.CHECK_DEVICE_STATE: self._check_device_state,
         }
+        self._transfer: Transfer | None = None
+        self._transfer_ok: bool | None = None  # None: none finished since the last request
         assert self._handlers.keys() == REQUESTS.keys(), "request table and handlers disagree"
 
     # ------------------------------------------------------------------ entry point
@@ -190,7 +212,8 @@ class VhostUserBackend:
             return Outcome()
         if msg.spec.reply is not None:
             assert result is not None
-            return Outcome(encode_reply(msg.request, result))
+            transfer, self._transfer = self._transfer, None
+            return Outcome(encode_reply(msg.request, result), transfer=transfer)
         if msg.need_reply and self._reply_ack:
             return Outcome(encode_reply(msg.request, U64(0)))
         return Outcome()
@@ -623,6 +646,41 @@ class VhostUserBackend:
             raise MessageError(f"status 0x{msg.payload.value:x} does not fit the status byte")
         self.status = msg.payload.value
         self.device.status_changed(self.status)
+
+    def _set_device_state_fd(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, DeviceStateTransfer)
+        fd = msg.fds[0]
+        try:
+            direction = TransferDirection(msg.payload.direction)
+            TransferPhase(msg.payload.phase)
+        except ValueError:
+            close_fd(fd)
+            raise MessageError(f"device state transfer {msg.payload}: unknown direction or "
+                               "phase") from None
+        running = [v.index for v in self.vrings if v.started]
+        if running:
+            close_fd(fd)
+            log.warning("SET_DEVICE_STATE_FD: vrings %s still run; the device must be "
+                        "suspended", running)
+            return U64(TRANSFER_NO_FD | 1)
+        data = self.device.save_state() if direction is TransferDirection.SAVE else None
+        self._transfer, self._transfer_ok = Transfer(fd, data), None
+        log.info("device state transfer: %s", direction.name)
+        return U64(TRANSFER_NO_FD)
+
+    def transfer_done(self, loaded: bytes | None, error: str | None = None) -> None:
+        """The connection finished a Transfer: `loaded` is what a LOAD read."""
+        if error is None and loaded is not None:
+            try:
+                self.device.load_state(loaded)
+            except (ValueError, KeyError, TypeError) as e:
+                error = f"the state does not load: {e}"
+        if error is not None:
+            log.error("device state transfer failed: %s", error)
+        self._transfer_ok = error is None
+
+    def _check_device_state(self, msg: Message) -> Payload:
+        return U64(0 if self._transfer_ok else 1)
 
     def _get_status(self, msg: Message) -> Payload:
         return U64(self.status | (STATUS_NEEDS_RESET if self.needs_reset else 0))

@@ -209,6 +209,32 @@ class U64(Payload):
 
 
 _VRING_STATE = struct.Struct("<II")
+_TRANSFER = struct.Struct("<II")
+
+
+class TransferDirection(enum.IntEnum):
+    SAVE = 0  # the back end writes its state (migration source)
+    LOAD = 1  # the back end reads it (destination)
+
+
+class TransferPhase(enum.IntEnum):
+    STOPPED = 0  # the only phase defined: every ring suspended
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateTransfer(Payload):
+    """SET_DEVICE_STATE_FD: `direction, phase` of the transfer over the fd that comes with it."""
+
+    SIZE: ClassVar[int | None] = 8
+    direction: int
+    phase: int
+
+    @classmethod
+    def unpack(cls, body: bytes) -> DeviceStateTransfer:
+        return cls(*_TRANSFER.unpack(body))
+
+    def pack(self) -> bytes:
+        return _TRANSFER.pack(self.direction, self.phase)
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +426,9 @@ REQUESTS: dict[Request, RequestSpec] = {
     Request.REM_MEM_REG: RequestSpec(SingleMemoryRegion, max_fds=1),
     Request.SET_STATUS: RequestSpec(U64),
     Request.GET_STATUS: RequestSpec(Empty, reply=U64),
+    Request.SET_DEVICE_STATE_FD: RequestSpec(DeviceStateTransfer, max_fds=1, min_fds=1,
+                                             fd_kind=FdKind.STREAM, reply=U64),
+    Request.CHECK_DEVICE_STATE: RequestSpec(Empty, reply=U64),
 }
 
 

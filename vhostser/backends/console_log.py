@@ -194,7 +194,7 @@ class ConsoleBackend(ConfigurableBackend):
 
     async def _write_side(self, reader: Peer, cancel: trio.CancelScope) -> None:
         try:
-            await reader.write_loop(lambda: None)  # returns only when closing: never here
+            await reader.write_loop(lambda n: None)  # returns only when closing: never here
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.info("%s: console reader %s: %s", self._label(), reader.label, e)
         cancel.cancel()

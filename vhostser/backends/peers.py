@@ -106,6 +106,30 @@ class Endpoint(Protocol):
     def cleanup(self) -> None: ...
 
 
+async def listen_retrying(
+    endpoint: Endpoint, where: str, on_failure: Callable[[], None]
+) -> trio.socket.SocketType:
+    """`endpoint.listen()`, retried with backoff until it works (the path is taken, the
+    address in use...): each failure counted (`on_failure`), logged once per streak."""
+    delays = backoff_delays()
+    failures = 0
+    while True:
+        try:
+            listener = await endpoint.listen()
+        except OSError as e:
+            on_failure()
+            failures += 1
+            delay = next(delays)
+            log.log(logging.DEBUG if failures > 1 else logging.ERROR,
+                    "%s: cannot listen: %s (retrying in %.1f s, backing off to %.0f s)",
+                    where, e, delay, BACKOFF_MAX)
+            await trio.sleep(delay)
+            continue
+        if failures:
+            log.info("%s: listening after %d failed attempts", where, failures)
+        return listener
+
+
 @dataclass(frozen=True, slots=True)
 class PeerOptions:
     role: Role = "server"
@@ -406,6 +430,9 @@ class PeerBackend(ConfigurableBackend):
         log.warning("%s: %d bytes for %s dropped unsent (%s; %d so far)", self._where, n, whom,
                     reason, sum(dropped.values()))
 
+    def _listen_failed(self) -> None:
+        self.counters.listen_failures += 1
+
     def _sent(self, n: int) -> None:
         self.counters.bytes_sent += n
         self._maybe_resume()
@@ -445,16 +472,7 @@ class PeerBackend(ConfigurableBackend):
             self._maybe_resume()
 
     async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Any]) -> None:
-        delays = backoff_delays()
-        while True:
-            try:
-                listener = await self.endpoint.listen()
-                break
-            except OSError as e:
-                self.counters.listen_failures += 1
-                delay = next(delays)
-                log.error("%s: cannot listen: %s (retrying in %.1f s)", self._where, e, delay)
-                await trio.sleep(delay)
+        listener = await listen_retrying(self.endpoint, self._where, self._listen_failed)
         with listener:
             self.address = listener.getsockname()
             log.info("%s: listening (%s mode, up to %d peer(s))",

@@ -3,8 +3,15 @@ real front end (`console_rig`) or a real daemon process, with real sockets, pipe
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -13,6 +20,72 @@ from vhostser.backends.unix import UnixBackend
 from vhostser.console import PortConfig
 
 from .console_harness import console_rig, eventually
+from .test_daemon_process import ROOT, Activated
+
+VM = """
+[vm]
+name = "faults"
+socket = "{tmp}/vu.sock"
+max_ports = 2
+state_dir = "{tmp}/state"
+admin_socket = "{tmp}/ctl.sock"
+"""
+FILE_PORT = """
+[[port]]
+id = 1
+name = "org.test.log"
+backend = {{ type = "file", path = "{tmp}/serial.log" }}
+"""
+
+
+@contextmanager
+def daemon(tmp: Path, ports: str, *, stdout: int = subprocess.DEVNULL) -> Iterator[Activated]:
+    """`vhostser run` as a child process with the ports given, READY on its notify socket."""
+    config = tmp / "faults.toml"
+    config.write_text((VM + ports).format(tmp=tmp))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify"))
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify"))
+    with open(tmp / "stderr", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vhostser", "run", "--config", str(config),
+             "--log-level", "debug"], env=env, cwd=ROOT, stdout=stdout, stderr=err,
+        )
+    d = Activated(proc, tmp, str(tmp / "vu.sock"), notify, config)
+    try:
+        d.notifications("READY=1")
+        yield d
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+
+
+def stop(d: Activated) -> None:
+    """SIGTERM, honoured: the event loop was never put to sleep."""
+    d.proc.send_signal(signal.SIGTERM)
+    try:
+        assert d.proc.wait(20) == 0, d.stderr()
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"SIGTERM ignored\n{d.stderr()}") from None
+
+
+def test_a_fifo_in_place_of_the_log_at_sighup_is_refused(tmp_path: Path) -> None:
+    """logrotate's place taken by a FIFO nobody reads: the reopen at SIGHUP used to wait for
+    a reader forever. It is refused, logged; the daemon answers and writes the old file."""
+    with daemon(tmp_path, FILE_PORT) as d:
+        log = tmp_path / "serial.log"
+        assert log.exists()
+        os.rename(log, tmp_path / "serial.log.1")
+        os.mkfifo(log)
+        d.proc.send_signal(signal.SIGHUP)
+        d.notifications("STATUS=config reloaded")
+        assert d.ctl("status").returncode == 0
+        assert "it is a FIFO, not a regular file" in d.stderr()
+        backend = json.loads(d.ctl("--json", "stats").stdout)["ports"]["1"]["backend"]
+        assert backend["open_errors"] == 1 and backend["reopens"] == 0
+        stop(d)
 
 
 async def _unix_connect(path: str) -> trio.SocketStream:

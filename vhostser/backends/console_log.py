@@ -130,6 +130,9 @@ class ConsoleBackend(ConfigurableBackend):
         if self.sink is not None:
             self.sink.reopen()
 
+    def problems(self) -> list[str]:
+        return [] if self.sink is None else self.sink.problems()
+
     # ------------------------------------------------------------------ tasks
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:

@@ -18,6 +18,8 @@ import trio
 
 from vhostser.backends.unix import UnixBackend
 from vhostser.console import PortConfig
+from vhostser.testing import open_frontend
+from vhostser.testing.console_driver import ConsoleDriver
 
 from .console_harness import console_rig, eventually
 from .test_daemon_process import ROOT, Activated
@@ -29,6 +31,12 @@ socket = "{tmp}/vu.sock"
 max_ports = 2
 state_dir = "{tmp}/state"
 admin_socket = "{tmp}/ctl.sock"
+"""
+STDOUT_CONSOLE = """
+[[port]]
+id = 0
+console = true
+backend = {{ type = "stdout" }}
 """
 FILE_PORT = """
 [[port]]
@@ -69,6 +77,55 @@ def stop(d: Activated) -> None:
         assert d.proc.wait(20) == 0, d.stderr()
     except subprocess.TimeoutExpired:
         raise AssertionError(f"SIGTERM ignored\n{d.stderr()}") from None
+
+
+async def _console_writes(path: str, total: int) -> None:
+    """A guest printing `total` bytes on its console (hvc: never held by the device)."""
+    async with open_frontend(path) as fe:
+        driver = ConsoleDriver(fe, max_ports=2)
+        await driver.probe()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(driver.run)
+            await driver.wait_for(lambda: 0 in driver.ports and driver.port(0).console)
+            await driver.port(0).write_all(os.urandom(total), timeout=20)
+            nursery.cancel_scope.cancel()
+
+
+def test_stdout_nobody_reads_never_blocks_the_daemon(tmp_path: Path) -> None:
+    """The daemon's stdout a pipe nobody reads: it used to block in write(2), deaf to the
+    admin socket and to SIGTERM. The sink holds a bounded amount; the console overflows."""
+    r, w = os.pipe()
+    try:
+        with daemon(tmp_path, STDOUT_CONSOLE, stdout=w) as d:
+            os.close(w)
+            w = -1
+            trio.run(_console_writes, d.vhost_path, 1 << 20)
+            assert d.ctl("status").returncode == 0
+            port0 = json.loads(d.ctl("--json", "stats").stdout)["ports"]["0"]
+            assert port0["discarded"]["console-overflow"] > 0
+            sink = port0["backend"]
+            taken = port0["bytes_from_guest"]
+            assert sink["bytes_dropped"] == 0 and taken - sink["bytes_written"] <= 256 * 1024
+            stop(d)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_stdout_whose_reader_went_away_is_counted_not_fatal(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    with daemon(tmp_path, STDOUT_CONSOLE, stdout=w) as d:
+        os.close(w)
+        os.close(r)  # EPIPE from here on
+        trio.run(_console_writes, d.vhost_path, 100_000)
+        port0 = json.loads(d.ctl("--json", "stats").stdout)["ports"]["0"]
+        sink = port0["backend"]
+        assert sink["bytes_dropped"] == port0["bytes_from_guest"] == 100_000
+        assert sink["bytes_written"] == 0
+        lines = [x for x in d.stderr().splitlines() if "stdout:" in x and "dropped" in x]
+        assert len(lines) == 1, d.stderr()  # logged once
+        stop(d)
 
 
 def test_a_fifo_in_place_of_the_log_at_sighup_is_refused(tmp_path: Path) -> None:

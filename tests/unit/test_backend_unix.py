@@ -458,7 +458,7 @@ async def test_bytes_queued_when_the_backend_stops_are_counted(tmp_path: Path) -
         guest.write(blob(2 << 20, 14))
         await wait_until(lambda: bool(guest.pending) and bool(backend.peers[0].out))
     dropped = backend.counters.bytes_dropped_unsent
-    assert dropped["shutdown"] > 0 and set(dropped) == {"shutdown"}
+    assert dropped["stopped"] > 0 and set(dropped) == {"stopped"}
     assert balanced(backend, guest)
     await peer.aclose()
 

@@ -31,10 +31,11 @@ Flow control, both ways bounded (the token model of seeds/002):
 An exact ledger: every byte queued for a peer is sent (`bytes_sent`: what its socket took) or
 dropped and counted by reason (`bytes_dropped_unsent`, one log line per peer): peer-gone (it
 hung up or failed before taking them), drop-peer, close-timeout (it did not take a closed
-session's last bytes within CLOSE_TIMEOUT), malformed-frame, shutdown (the backend stopped).
-So with one peer, the guest bytes the port handed the backend = bytes_sent + the dropped +
-what is still queued (framed mode counts frames, headers included). Bytes read from a peer
-that never reach the port are `peer_bytes_dropped`.
+session's last bytes within CLOSE_TIMEOUT), malformed-frame, stopped (the backend was: the
+port removed, the daemon stopping). So with one peer, the guest bytes the port handed the
+backend = bytes_sent + the dropped + what is still queued (framed mode counts frames,
+headers included). Bytes read from a peer that never reach the port are
+`peer_bytes_dropped`.
 
 A peer that hung up does not hold a place under `max_peers` while its hang-up waits to be
 read: a connection arriving then waits (up to HANGUP_WAIT) for it to leave instead of being
@@ -600,7 +601,7 @@ class PeerBackend(ConfigurableBackend):
             elif peer.dropped is not None:
                 reason = "malformed-frame"
             elif stopping:
-                reason = "shutdown"
+                reason = "stopped"
             elif peer.closing and peer.scope.cancelled_caught:
                 reason = "close-timeout"
             else:

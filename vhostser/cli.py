@@ -177,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bad += 1
             else:
                 print(f"{f}: ok: vm {cfg.name}, {len(cfg.ports)} ports, socket {cfg.socket}")
+                # Warnings, not errors: a log directory may appear by the time the daemon runs
+                # (and systemd runs check before every start).
+                for spec in cfg.ports:
+                    for problem in spec.make_backend().problems():
+                        print(f"{f}: warning: port {spec.config.id}: {problem}", file=sys.stderr)
         return 1 if bad else 0
     if args.command == "ctl":
         return _ctl(args)

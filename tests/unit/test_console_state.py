@@ -81,6 +81,7 @@ def test_a_core_on_the_copy_goes_on_alike(first: list[tuple[str, Any]],
 
 def sample() -> dict[str, Any]:
     guest = PortGuest(RecordingBackend(), PortConfig(1, "org.test"))
+    guest.reads_control = False  # a paused VM: the PORT_OPEN waits in the state
     guest.port.host_attach()
     guest.open()
     guest.port.send(b"staged")

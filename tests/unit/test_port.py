@@ -144,6 +144,39 @@ def test_h_changes_told_only_after_guest_ready() -> None:
     assert g.control == [control.port_open(1, False), control.port_open(1, True)]
 
 
+def test_h_flaps_the_guest_has_not_read_collapse_into_the_final_value() -> None:
+    """A paused VM reads no control message while peers come and go: the queue holds one
+    PORT_OPEN for the port, with the latest H, and never overflows."""
+    port, _, g = make(ready=True, name="p")
+    g.reads_control = False
+    for _ in range(10_000):
+        port.host_attach()
+        port.host_detach()
+    assert list(g.core.state.control_out) == [control.port_open(1, False)]
+    port.host_attach()
+    assert list(g.core.state.control_out) == [control.port_open(1, True)]
+    assert g.core.state.counters.control_overflow == 0
+    assert g.control == [control.port_open(1, True)]  # what the guest reads on resume
+    # Once the guest took it, the next change is a message of its own.
+    port.host_detach()
+    port.host_attach()
+    port.host_detach()
+    assert list(g.core.state.control_out) == [control.port_open(1, False)]
+
+
+def test_a_collapsed_port_open_keeps_its_place_among_the_ports_messages() -> None:
+    port, _, g = make(name="p")
+    g.reads_control = False
+    port.host_attach()
+    g.set_up()  # the announcement: PORT_NAME, then PORT_OPEN(1)
+    other = control.port_open(2, True)
+    g.core.state.control_out.append(other)  # a message of another port after them
+    port.host_detach()
+    assert list(g.core.state.control_out) == [
+        control.port_name(1, "p"), control.port_open(1, False), other
+    ]
+
+
 def test_guest_events_send_no_control() -> None:
     _, _, g = make(ready=True)
     g.apply(Input.GUEST_OPEN)

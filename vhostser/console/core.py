@@ -469,13 +469,23 @@ class ConsoleCore:
     # -- control queues
 
     def _queue_control(self, msg: ControlMessage) -> None:
-        if len(self.state.control_out) >= MAX_PENDING_CONTROL:
+        pending = self.state.control_out
+        if msg.event is Event.PORT_OPEN:
+            # H flaps the guest has not read yet (a paused VM, peers coming and going) collapse
+            # into the one pending PORT_OPEN of the port, carrying the latest H: the guest ends
+            # with the final value, in its place among the port's messages, and the queue
+            # cannot fill with them.
+            for i, queued in enumerate(pending):
+                if queued.event is Event.PORT_OPEN and queued.id == msg.id:
+                    pending[i] = msg
+                    return
+        if len(pending) >= MAX_PENDING_CONTROL:
             self.state.counters.control_overflow += 1
             self._limit.error("control queue full", "control queue to the guest full (%d): "
                               "%s for port %d dropped", MAX_PENDING_CONTROL, msg.event.name,
                               msg.id)
             return
-        self.state.control_out.append(msg)
+        pending.append(msg)
         self._outputs.append(Wake(CONTROL_RX))
 
     def _serve_control_rx(self, ring: SplitQueue) -> bool:

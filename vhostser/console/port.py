@@ -68,6 +68,12 @@ class PortBackend:
     def reopen(self) -> None:
         """The daemon was asked to reload (SIGHUP): reopen files (log rotation)."""
 
+    def problems(self) -> list[str]:
+        """What can be seen before `run` that will make the backend drop bytes or fail (a
+        missing log directory...), one message each, for `vhostser check`: warnings, since
+        the condition may be gone when the daemon runs."""
+        return []
+
     def counter_values(self) -> Mapping[str, object]:
         """The backend's own counters by name, for `stats`; by default its `counters`."""
         return {} if self.counters is None else self.counters.as_dict()

@@ -68,7 +68,8 @@ class Daemon:
 
     def add_port(self, spec: PortSpec, saved: state_mod.PortState | None = None) -> Port:
         first = self.next_ids.get(spec.config.id, 1)
-        port = self.device.add_port(spec.config, spec.make_backend(), first_session_id=first)
+        port = self.device.add_port(spec.config, spec.make_backend(), first_session_id=first,
+                                    remake=spec.make_backend)
         self.specs[spec.config.id] = spec
         if saved and saved.guest_open and saved.session_id is not None:
             # The guest had this port open when the previous daemon stopped: the session goes
@@ -109,8 +110,7 @@ class Daemon:
             self.remove_port(pid)
         for pid in changed + added:
             self.add_port(wanted[pid])
-        for port in self.device.ports.values():
-            port.backend.reopen()
+        self.device.reopen_backends()
         log.info("reload: added %s, removed %s, changed %s", added, removed, changed)
         return {"added": added, "removed": removed, "changed": changed}
 
@@ -227,7 +227,7 @@ class Daemon:
         ports = {}
         for pid, port in sorted(self.device.ports.items()):
             entry = port.counters.as_dict()
-            if backend_counters := port.backend.counter_values():
+            if backend_counters := self.device.backend_counters(pid):
                 entry["backend"] = dict(backend_counters)
             ports[str(pid)] = entry
         return {"device": self.device.counters.as_dict(), "ports": ports}

@@ -23,6 +23,8 @@ import trio
 from vhostser.testing import open_frontend
 from vhostser.testing.console_driver import ConsoleDriver
 
+from .daemon_proc import notifications
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = """
@@ -57,17 +59,7 @@ class Activated:
 
     def notifications(self, want: str, timeout: float = 20) -> list[str]:
         """Datagrams received until one contains `want`."""
-        got: list[str] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.notify.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                got.append(self.notify.recv(4096).decode())
-            except TimeoutError:
-                break
-            if want in got[-1]:
-                return got
-        raise AssertionError(f"no {want!r} from the daemon; got {got}\n{self.stderr()}")
+        return notifications(self.notify, want, timeout, self.stderr)
 
     def stderr(self) -> str:
         return (self.tmp / "stderr").read_text(errors="replace")

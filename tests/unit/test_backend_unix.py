@@ -22,10 +22,10 @@ from test_backend_harness import (
 from trio.testing import MockClock
 
 from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode
-from vhostser.backends.peers import backoff_delays
 from vhostser.backends.unix import UnixBackend
 from vhostser.console import PortConfig
 from vhostser.console.session import Input, State
+from vhostser.pacing import backoff_delays
 from vhostser.sockets import prepare_socket_path
 
 

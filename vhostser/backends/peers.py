@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Self, cast
 
@@ -49,6 +49,7 @@ import trio
 from ..console.port import Counters, Session
 from ..console.session import Reason, State
 from ..options import Options
+from ..pacing import backoff_delays
 from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
 from .options import ConfigurableBackend
 
@@ -65,17 +66,8 @@ CLOSE_TIMEOUT = 5.0  # a peer closed at a session end gets this long to take its
 CONNECT_TIMEOUT = 10.0
 SLOW_PEER_GRACE = 0.5  # drop-peer: a peer whose queue stays full this long is dropped
 STABLE_AFTER = 1.0  # a client connection that lived this long resets the reconnect backoff
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
 PEER_OPTION_KEYS = frozenset({"role", "mode", "max_peers", "slow_peer", "peer_queue"})
-
-
-def backoff_delays(lo: float = BACKOFF_MIN, hi: float = BACKOFF_MAX) -> Iterator[float]:
-    """0.1, 0.2, 0.4, ... doubling up to `hi`, then `hi` forever."""
-    delay = lo
-    while True:
-        yield delay
-        delay = min(delay * 2, hi)
 
 
 class Endpoint(Protocol):

@@ -11,10 +11,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+
+import trio
+
+from vhostser.testing import open_frontend
+from vhostser.testing.console_driver import ConsoleDriver
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,9 +43,11 @@ def notifications(sock: socket.socket, want: str, timeout: float,
 class DaemonProcess:
     def __init__(self, tmp: Path, config: str, *, name: str = "vm",
                  stdout: int | None = subprocess.DEVNULL,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
-        """Start a daemon on `config` (a TOML text; {tmp} → `tmp`) without waiting for it."""
+                 preexec_fn: Callable[[], None] | None = None, admin: str = "ctl.sock") -> None:
+        """Start a daemon on `config` (a TOML text; {tmp} → `tmp`) without waiting for it;
+        `admin`: its admin socket, relative to `tmp`."""
         self.tmp = tmp
+        self.admin = str(tmp / admin)
         self.config = tmp / f"{name}.toml"
         self.config.write_text(config.format(tmp=tmp))
         self.stderr_path = tmp / f"{name}.stderr"
@@ -55,10 +62,6 @@ class DaemonProcess:
                  "--log-level", "debug"],
                 cwd=ROOT, env=env, stdout=stdout, stderr=err, preexec_fn=preexec_fn,
             )
-
-    @property
-    def admin(self) -> str:
-        return str(self.tmp / "ctl.sock")
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -109,3 +112,26 @@ def daemon_process(tmp: Path, config: str, **kwargs: Any) -> Iterator[DaemonProc
         yield d
     finally:
         d.close()
+
+
+@asynccontextmanager
+async def running_guest(path: str | os.PathLike[str]) -> AsyncIterator[ConsoleDriver]:
+    """A guest driver (max_ports 4) up and running behind a front end on the vhost-user
+    socket `path`, until the block ends."""
+    async with open_frontend(path) as fe:
+        driver = ConsoleDriver(fe, max_ports=4)
+        await driver.probe()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(driver.run)
+            yield driver
+            nursery.cancel_scope.cancel()
+
+
+async def guest_echo(path: str, payload: bytes) -> bytes:
+    """A guest that writes `payload` to port org.test.echo and reads as much back."""
+    async with running_guest(path) as driver:
+        port = await driver.wait_port("org.test.echo")
+        await driver.wait_for(lambda: port.host_connected)
+        await port.open()
+        await port.write_all(payload)
+        return await port.read_exactly(len(payload), timeout=10)

@@ -25,7 +25,6 @@ from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode
 from vhostser.backends.unix import UnixBackend
 from vhostser.console import PortConfig
 from vhostser.console.session import Input, State
-from vhostser.pacing import backoff_delays
 from vhostser.sockets import prepare_socket_path
 
 
@@ -469,13 +468,6 @@ async def test_framed_malformed_frame_disconnects_the_peer(
 
 
 # ====================================================================== client role
-
-
-def test_backoff_doubles_to_five_seconds() -> None:
-    delays = backoff_delays()
-    assert [round(next(delays), 3) for _ in range(9)] == [
-        0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0
-    ]
 
 
 async def test_client_reconnects_with_backoff(tmp_path: Path) -> None:

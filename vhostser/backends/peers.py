@@ -50,6 +50,7 @@ from ..console.port import Counters, Session
 from ..console.session import Reason, State
 from ..options import Options
 from ..pacing import backoff_delays
+from ..sockets import accept_connection
 from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
 from .options import ConfigurableBackend
 
@@ -413,12 +414,7 @@ class PeerBackend(ConfigurableBackend):
                      self._where, self.opts.mode, self.opts.max_peers)
             task_status.started(self.address)
             while True:
-                try:
-                    sock, _ = await listener.accept()
-                except OSError as e:  # EMFILE and friends: keep the listener
-                    log.error("%s: accept failed: %s", self._where, e)
-                    await trio.sleep(0.1)
-                    continue
+                sock = await accept_connection(listener, self._where)
                 if len(self._live()) >= self.opts.max_peers:
                     self.counters.peers_refused += 1
                     log.warning("%s: connection refused: max_peers %d reached",

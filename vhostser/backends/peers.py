@@ -50,7 +50,7 @@ from ..console.port import Counters, Session
 from ..console.session import Reason, State
 from ..options import Options
 from ..pacing import backoff_delays
-from ..sockets import accept_connection
+from ..sockets import ListenerCounters, accept_connection
 from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
 from .options import ConfigurableBackend
 
@@ -408,13 +408,14 @@ class PeerBackend(ConfigurableBackend):
                 delay = next(delays)
                 log.error("%s: cannot listen: %s (retrying in %.1f s)", self._where, e, delay)
                 await trio.sleep(delay)
+        accepts = ListenerCounters()  # for accept_connection's log lines
         with listener:
             self.address = listener.getsockname()
             log.info("%s: listening (%s mode, up to %d peer(s))",
                      self._where, self.opts.mode, self.opts.max_peers)
             task_status.started(self.address)
             while True:
-                sock = await accept_connection(listener, self._where)
+                sock = await accept_connection(listener, self._where, accepts)
                 if len(self._live()) >= self.opts.max_peers:
                     self.counters.peers_refused += 1
                     log.warning("%s: connection refused: max_peers %d reached",

@@ -13,20 +13,53 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
+from functools import partial
 from typing import Any
 
 import trio
 
-from .config import ConfigError, load, parse_port
+from .config import ConfigError, check_admin_port, load, parse_port
 from .daemon import Daemon
-from .sockets import BACKLOG, inherited_unix, listen_unix
+from .sockets import BACKLOG, ListenerCounters, inherited_unix, listen_unix, serve_connections
 
 log = logging.getLogger("vhostser.admin")
 
 COMMANDS = ("status", "ports", "sessions", "stats", "metrics", "add-port", "remove-port",
             "close-session", "reload")
 MAX_REQUEST = 64 * 1024
+MAX_NESTING = 32  # arrays and objects in a request: a real one has 4
+# What json.loads nests on, outside strings: counted before it parses (it recurses per level,
+# and 60,000 `[` would raise RecursionError). An unterminated string runs to the end of the
+# line, which keeps the scan linear.
+_JSON_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
+# Per listener (admin, metrics): connections served at once; more are closed at once, counted.
+# Any local user can connect to the metrics port: without a cap, idle ones exhaust the fds.
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 60.0  # an admin connection that sends no request for this long is closed
+HTTP_TIMEOUT = 10.0  # a metrics request, head to response
+
+
+def nesting_depth(line: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest (brackets inside strings do not
+    count; for text that is not JSON, a number json.loads would refuse anyway)."""
+    depth = deepest = 0
+    for m in _JSON_STRING_OR_BRACKET.finditer(line):
+        token = m.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def parse_request(line: bytes) -> Any:
+    """One request line as JSON; ValueError saying why not."""
+    if (depth := nesting_depth(line)) > MAX_NESTING:
+        raise ValueError(f"nested {depth} deep, more than {MAX_NESTING}")
+    return json.loads(line)
 
 
 def dispatch(daemon: Daemon, request: Any) -> dict[str, Any]:
@@ -63,6 +96,7 @@ def _run(daemon: Daemon, cmd: str, request: dict[str, Any]) -> Any:
         if not isinstance(table, dict):
             raise ValueError("port: expected a port table like the config file's [[port]]")
         spec = parse_port("admin request", "port", table, daemon.cfg.max_ports)
+        check_admin_port(daemon.cfg, spec)
         port = daemon.add_port(spec)
         return {"id": port.id, "name": port.name}
     if cmd == "remove-port":
@@ -123,12 +157,23 @@ def prometheus(daemon: Daemon) -> str:
            [({"port": pid, "name": p.name}, p.counters.sessions_opened) for pid, p in ports])
     metric("port_resets_total", "counter", "Device resets seen by the port.",
            [({"port": pid, "name": p.name}, p.counters.resets_seen) for pid, p in ports])
+    metric("port_backend_failures_total", "counter", "Times the port's backend raised.",
+           [({"port": pid, "name": p.name}, p.counters.backend_failures) for pid, p in ports])
     dev = daemon.device.counters
     metric("control_messages_total", "counter", "Control messages, by direction.",
            [({"direction": "from_guest"}, dev.control_from_guest),
             ({"direction": "to_guest"}, dev.control_to_guest)])
     metric("bad_control_messages_total", "counter", "Control messages ignored as invalid.",
            [({}, dev.bad_control)])
+    listeners = sorted(daemon.listeners.items())
+    metric("listener_connections_total", "counter",
+           "Connections taken, and of those refused, by listener.",
+           [({"listener": name, "outcome": outcome}, value) for name, c in listeners
+            for outcome, value in (("accepted", c.accepted), ("refused-busy", c.refused_busy),
+                                   ("refused-peer", c.refused_peer))])
+    metric("listener_accept_errors_total", "counter",
+           "accept() failures for lack of fds or memory, by listener.",
+           [({"listener": name}, c.accept_errors) for name, c in listeners])
     return "\n".join(out) + "\n"
 
 
@@ -136,9 +181,13 @@ async def _handle(daemon: Daemon, conn: trio.socket.SocketType) -> None:
     with conn:
         buf = b""
         while True:
-            try:
-                data = await conn.recv(65536)
-            except OSError:
+            with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                try:
+                    data = await conn.recv(65536)
+                except OSError:
+                    return
+            if idle.cancelled_caught:
+                log.info("admin: connection idle for %.0f s: closed", IDLE_TIMEOUT)
                 return
             if not data:
                 return
@@ -149,7 +198,7 @@ async def _handle(daemon: Daemon, conn: trio.socket.SocketType) -> None:
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 try:
-                    request = json.loads(line)
+                    request = parse_request(line)
                 except ValueError as e:
                     response: dict[str, Any] = {"ok": False, "error": f"not JSON: {e}"}
                 else:
@@ -176,10 +225,11 @@ async def serve_admin(
         listener = await listen_unix(path, 0o600)  # admin commands: the daemon's user only
     with listener:
         task_status.started()
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_handle, daemon, conn)
+        await serve_connections(
+            listener, partial(_handle, daemon), label="admin socket",
+            max_connections=MAX_CONNECTIONS, policy=daemon.peer_policy,
+            counters=daemon.listeners.setdefault("admin", ListenerCounters()),
+        )
 
 
 async def serve_metrics(
@@ -194,19 +244,23 @@ async def serve_metrics(
     listener = trio.socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     with listener:
-        await listener.bind((host, port))
+        try:
+            await listener.bind((host, port))
+        except OSError as e:
+            raise OSError(f"metrics_listen {host}:{port}: {e.strerror}") from None
         listener.listen(BACKLOG)
         address = listener.getsockname()[:2]
         log.info("metrics on http://%s:%d/metrics", *address)
         task_status.started(address)
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_serve_http, daemon, conn)
+        await serve_connections(
+            listener, partial(_serve_http, daemon), label="metrics listener",
+            max_connections=MAX_CONNECTIONS,
+            counters=daemon.listeners.setdefault("metrics", ListenerCounters()),
+        )
 
 
 async def _serve_http(daemon: Daemon, conn: trio.socket.SocketType) -> None:
-    with conn, trio.move_on_after(10):
+    with conn, trio.move_on_after(HTTP_TIMEOUT):
         head = b""
         while b"\r\n\r\n" not in head and len(head) < 8192:
             try:

@@ -12,6 +12,12 @@ what was expected. Unknown keys are errors: a typo must never be silently ignore
     cols = 80                              # console size in the config space
     rows = 25
     resize_order = "cols-rows"             # RESIZE payload order: spec's, or "rows-cols"
+    socket_mode = 0o660                    # the vhost-user socket's mode (default 0o600)
+    socket_group = "kvm"                   # and group: for a QEMU running as another user
+    allow_uids = [64055]                   # who may connect to the vhost-user and admin
+    allow_gids = ["kvm"]                   # sockets besides the daemon's user (SO_PEERCRED)
+    allowed_dirs = ["/var/log/vhostser"]   # where admin add-port may name files, sockets
+    allow_remote_bind = false              # admin add-port: tcp listeners on loopback only
 
     [[port]]
     id = 1
@@ -24,7 +30,13 @@ what was expected. Unknown keys are errors: a typo must never be silently ignore
 
 from __future__ import annotations
 
+import grp
+import ipaddress
+import json
 import os
+import pwd
+import re
+import string
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,15 +77,43 @@ class VMConfig:
     resize_rows_first: bool = False
     ports: tuple[PortSpec, ...] = field(default_factory=tuple)
     source: str = "<embedded default>"
+    socket_mode: int = 0o600
+    socket_group: int | None = None  # a gid
+    allow_uids: tuple[int, ...] = ()
+    allow_gids: tuple[int, ...] = ()
+    # Where admin add-port may name files, links and unix sockets (None: the directories of
+    # state_dir, socket and admin_socket).
+    allowed_dirs: tuple[str, ...] | None = None
+    allow_remote_bind: bool = False
+
+    @property
+    def admin_dirs(self) -> tuple[str, ...]:
+        """The directories admin add-port may name paths in."""
+        if self.allowed_dirs is not None:
+            return self.allowed_dirs
+        dirs = [self.state_dir, os.path.dirname(self.socket),
+                os.path.dirname(self.admin_socket) if self.admin_socket else None]
+        return tuple(dict.fromkeys(d for d in dirs if d))
 
 
+def default_runtime_dir() -> str:
+    """Where the embedded default puts its sockets: $XDG_RUNTIME_DIR/vhostser when set (the
+    user's own directory, 0700), else /tmp/vhostser-UID; never a directory another user
+    could have made first (the daemon makes it 0700 or refuses it: `sockets`)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, "vhostser")
+    return f"/tmp/vhostser-{os.geteuid()}"
+
+
+# $runtime_dir: default_runtime_dir().
 DEFAULT_TOML = """\
 # The embedded default: a console on port 0 (printed on stdout) and an echo port.
 [vm]
 name = "default"
-socket = "/tmp/vhostser/default.sock"
+socket = "$runtime_dir/default.sock"
 max_ports = 4
-admin_socket = "/tmp/vhostser/default.ctl"
+admin_socket = "$runtime_dir/default.ctl"
 
 [[port]]
 id = 0
@@ -90,6 +130,8 @@ _VM_KEYS = {
     "name", "socket", "max_ports", "state_dir", "admin_socket", "metrics_listen",
     "frontend_grace",
     "cols", "rows", "resize_order",
+    "socket_mode", "socket_group", "allow_uids", "allow_gids", "allowed_dirs",
+    "allow_remote_bind",
 }
 _PORT_KEYS = {"id", "name", "console", "guest_writes_without_host", "staging", "backend"}
 
@@ -100,6 +142,8 @@ def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per nesting level of arrays and inline tables
+        raise ConfigError(f"{source}: arrays or tables nested too deeply") from None
     top = Options(doc, f"{source}: <top>", {"vm", "port"}, terse=True)
     vm = Options(top.get("vm", dict, {}), f"{source}: vm", _VM_KEYS, terse=True)
     name = vm.string("name", default_name, nonempty=False)
@@ -142,7 +186,60 @@ def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
         resize_rows_first=order == "rows-cols",
         ports=tuple(ports),
         source=source,
+        socket_mode=_socket_mode(vm),
+        socket_group=_id(vm, "socket_group", vm.table["socket_group"], _gid)
+        if "socket_group" in vm.table else None,
+        allow_uids=_ids(vm, "allow_uids", _uid),
+        allow_gids=_ids(vm, "allow_gids", _gid),
+        allowed_dirs=_dirs(vm, "allowed_dirs"),
+        allow_remote_bind=vm.boolean("allow_remote_bind", False),
     )
+
+
+def _socket_mode(vm: Options) -> int:
+    value = vm.table.get("socket_mode", 0o600)
+    if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{3}", value):
+        value = int(value.removeprefix("0o"), 8)
+    if not isinstance(value, int) or isinstance(value, bool) or (
+        value & 0o600 != 0o600 or value & ~0o770
+    ):
+        vm.fail("socket_mode", "a file mode with read and write for the owner and no bits "
+                "for others, like 0o600 or 0o660", value)
+    return value
+
+
+def _uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
+
+
+def _id(vm: Options, key: str, value: object, lookup: Callable[[str], int]) -> int:
+    """A user or group: its number, or its name looked up now."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+        return value
+    if isinstance(value, str) and "\0" not in value:
+        try:
+            return lookup(value)
+        except KeyError:
+            pass
+    vm.fail(key, "a number or the name of an existing user/group", value)
+
+
+def _ids(vm: Options, key: str, lookup: Callable[[str], int]) -> tuple[int, ...]:
+    return tuple(_id(vm, key, v, lookup) for v in vm.get(key, list, []))
+
+
+def _dirs(vm: Options, key: str) -> tuple[str, ...] | None:
+    if key not in vm.table:
+        return None
+    dirs = vm.get(key, list, [])
+    for d in dirs:
+        if not isinstance(d, str) or not os.path.isabs(d) or "\0" in d:
+            vm.fail(key, "a list of absolute directory paths", dirs)
+    return tuple(os.path.normpath(d) for d in dirs)
 
 
 def parse_port(source: str, where: str, table: object, max_ports: int) -> PortSpec:
@@ -170,14 +267,57 @@ def parse_port(source: str, where: str, table: object, max_ports: int) -> PortSp
     return PortSpec(config, btype, backend, make_backend)
 
 
+def check_admin_port(cfg: VMConfig, spec: PortSpec, where: str = "admin request: port") -> None:
+    """What an admin add-port may name (a config file, typed by whoever runs the daemon, may
+    name anything): paths of files, links and unix sockets only inside `cfg.admin_dirs`, tcp
+    listeners only on loopback unless `allow_remote_bind`. ConfigError naming the option, the
+    path or address, and the rule."""
+    backend = registry.BACKENDS[spec.backend_type]
+    options = spec.backend_options
+    dirs = [os.path.realpath(d) for d in cfg.admin_dirs]
+    for key in backend.PATH_OPTIONS:
+        path = options.get(key)
+        if path is None:
+            continue
+        real = os.path.realpath(path)  # `..` and symlinks resolved: where it really goes
+        if not (os.path.isabs(path) and any(
+            os.path.commonpath([real, d]) == d for d in dirs
+        )):
+            raise ConfigError(
+                f"{where}.backend.{key}: {path!r} is not inside a directory admin requests "
+                f"may name ({', '.join(cfg.admin_dirs) or 'none'}; [vm] allowed_dirs)")
+    if not cfg.allow_remote_bind:
+        for host in backend.listen_hosts(options):
+            if not _loopback(host):
+                raise ConfigError(
+                    f"{where}.backend.host: {host!r}: admin requests may listen on loopback "
+                    "only (127.0.0.0/8, ::1, localhost) unless [vm] allow_remote_bind = true")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def load(path: str | os.PathLike[str]) -> VMConfig:
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 (as TOML must be): byte 0x{raw[e.start]:02x} at "
+                          f"offset {e.start}") from None
     return parse(text, str(p), default_name=p.stem)
 
 
 def default() -> VMConfig:
-    return parse(DEFAULT_TOML, "<embedded default>")
+    runtime = json.dumps(default_runtime_dir())[1:-1]  # as the inside of a TOML string
+    return parse(string.Template(DEFAULT_TOML).substitute(runtime_dir=runtime),
+                 "<embedded default>")

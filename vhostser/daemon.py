@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import time
 from pathlib import Path
@@ -20,10 +21,23 @@ from .console.session import Input
 from .console.staging import Staging
 from .continuity import RequestKind, SharedStaging, StateRegion
 from .custody import FdStore
+from .sockets import ListenerCounters, PeerPolicy, accept_connection
 from .vhost_user import Header, VhostUserBackend, send_backend_request, serve_connection
 from .vhost_user.messages import HEADER
 
 log = logging.getLogger("vhostser.daemon")
+
+# A front end connecting while the previous one, which hung up, is still being served (QEMU
+# reconnecting at once): how long the new one waits for that conversation to end.
+RECONNECT_WAIT = 1.0
+
+
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """Whether the peer of `sock` has closed its end (or the socket failed)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+               for _, events in poller.poll(0))
 
 
 def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
@@ -84,8 +98,18 @@ class Daemon:
             send_backend_request, self.backend, self.backend.config_change_message()
         )
         self.specs: dict[int, PortSpec] = {}
+        # Who may connect to the vhost-user and admin sockets; what each listener saw.
+        self.peer_policy = PeerPolicy(frozenset(cfg.allow_uids), frozenset(cfg.allow_gids))
+        self.listeners: dict[str, ListenerCounters] = {"vhost-user": ListenerCounters()}
         self.frontend_connected = False
         self.connections = 0
+        # The front end's connection being served, its task's scope, and when it ended.
+        self._conn: trio.socket.SocketType | None = None
+        self._conn_scope = trio.CancelScope()
+        self._conn_done = trio.Event()
+        # Set at shutdown once the state is saved: what the guest has open must survive the
+        # sessions closing for shutdown (and the front end's connection ending with them).
+        self.stopping = False
         self._grace_scope: trio.CancelScope | None = None
         self.state_path = Path(cfg.state_dir) / "state.json" if cfg.state_dir else None
         if resume is not None:
@@ -133,7 +157,7 @@ class Daemon:
             self._resumed_staging(resumed[pid])
             spec = wanted.get(pid)
             if spec is not None and spec.config == resumed[pid].config:
-                self.device.adopt_port(spec.config, spec.make_backend())
+                self.device.adopt_port(spec.config, spec.make_backend(), spec.make_backend)
                 self.specs[pid] = spec
             else:
                 self.next_ids[pid] = resumed[pid].next_session_id
@@ -147,7 +171,8 @@ class Daemon:
 
     def add_port(self, spec: PortSpec, saved: state_mod.PortState | None = None) -> Port:
         first = self.next_ids.get(spec.config.id, 1)
-        port = self.device.add_port(spec.config, spec.make_backend(), first_session_id=first)
+        port = self.device.add_port(spec.config, spec.make_backend(), first_session_id=first,
+                                    remake=spec.make_backend)
         self.specs[spec.config.id] = spec
         if saved and saved.guest_open and saved.session_id is not None:
             # The guest had this port open when the previous daemon stopped: the session goes
@@ -188,15 +213,22 @@ class Daemon:
             self.remove_port(pid)
         for pid in changed + added:
             self.add_port(wanted[pid])
-        for port in self.device.ports.values():
-            port.backend.reopen()
+        self.device.reopen_backends()
         log.info("reload: added %s, removed %s, changed %s", added, removed, changed)
         return {"added": added, "removed": removed, "changed": changed}
 
     # -------------------------------------------------------------- state
 
+    def shut_down(self) -> None:
+        """SIGTERM: save the state, then close every session (reason shutdown). The state
+        file keeps the sessions as the guest has them: the guest closed nothing, and the next
+        daemon replays them to its backends."""
+        self.save_state()
+        self.stopping = True
+        self.device.close_all(Input.SHUTDOWN)
+
     def save_state(self) -> None:
-        if self.state_path is None:
+        if self.state_path is None or self.stopping:
             return
         for pid, port in self.device.ports.items():
             self.next_ids[pid] = port.next_session_id
@@ -284,7 +316,7 @@ class Daemon:
         self.connections += 1
         await self._finish_request(conn)
         self.checkpoint()
-        self.nursery.start_soon(self._run_connection, conn)
+        self._serve_connection(conn)
         log.info("vm %s: resumed the front end's connection (%d fds from the store)",
                  self.cfg.name, self.store.stored)
         return True
@@ -319,12 +351,16 @@ class Daemon:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept front ends forever, one at a time: vhost-user has a single front end per
-        device, so a second connection while one is active is refused with a log line."""
+        device, so a second connection while one is active is refused with a log line. One
+        that comes while the previous front end has hung up but its conversation is still
+        being served (QEMU reconnecting at once) waits for that to end instead."""
         task_status.started()
         while True:
-            conn, _ = await listener.accept()
-            if self.frontend_connected:
-                log.warning("vm %s: refusing a second front-end connection", self.cfg.name)
+            conn = await accept_connection(listener, f"vm {self.cfg.name}: vhost-user socket",
+                                           self.listeners["vhost-user"], self.peer_policy)
+            if self.frontend_connected and not await self._previous_ended():
+                log.warning("vm %s: refusing a second front-end connection (the first one is "
+                            "still there)", self.cfg.name)
                 conn.close()
                 continue
             self.frontend_connected = True
@@ -333,30 +369,53 @@ class Daemon:
                 self._grace_scope.cancel()
             self._custody("vu.conn", conn.fileno())
             log.info("vm %s: front end connected", self.cfg.name)
-            self.nursery.start_soon(self._run_connection, conn)
+            self._serve_connection(conn)
 
-    async def _run_connection(self, conn: trio.socket.SocketType) -> None:
+    def _serve_connection(self, conn: trio.socket.SocketType) -> None:
+        self._conn, self._conn_scope, self._conn_done = conn, trio.CancelScope(), trio.Event()
+        self.nursery.start_soon(self._run_connection, conn, self._conn_scope, self._conn_done)
+
+    async def _previous_ended(self) -> bool:
+        """True once the connection being served has ended, if its front end hung up; False
+        (at once) if that front end is still there."""
+        if self._conn is not None and not _hung_up(self._conn):
+            return False
+        with trio.move_on_after(RECONNECT_WAIT):
+            await self._conn_done.wait()
+        if not self._conn_done.is_set():
+            log.warning("vm %s: the previous front end hung up but its connection did not end "
+                        "within %.0f s: ending it", self.cfg.name, RECONNECT_WAIT)
+            self._conn_scope.cancel()
+            await self._conn_done.wait()
+        return True
+
+    async def _run_connection(self, conn: trio.socket.SocketType, scope: trio.CancelScope,
+                              done: trio.Event) -> None:
         try:
-            with conn:
+            with scope, conn:
                 try:
                     await serve_connection(conn, self.backend,
                                            self if self.region is not None else None)
                 finally:
                     self._custody("vu.conn", None)
         finally:
+            if self._conn is conn:
+                self._conn = None
             # Handing over, the front end is not gone: the successor goes on with it.
             if not self.handing_over:
                 self.frontend_connected = False
                 self.save_state()
                 log.info("vm %s: front end gone; sessions kept for %.0f s", self.cfg.name,
                          self.cfg.frontend_grace)
-                self.nursery.start_soon(self._grace_period)
+                self.nursery.start_soon(self._grace_period, self.connections)
+            done.set()
 
-    async def _grace_period(self) -> None:
+    async def _grace_period(self, connections: int) -> None:
         with trio.CancelScope() as scope:
             self._grace_scope = scope
             await trio.sleep(self.cfg.frontend_grace)
-            if not self.frontend_connected:
+            # Not if a front end came (and maybe went) since: its own grace period counts.
+            if not self.frontend_connected and self.connections == connections:
                 log.info("vm %s: no front end for %.0f s: closing sessions", self.cfg.name,
                          self.cfg.frontend_grace)
                 self.device.close_all(Input.FRONTEND_GONE)
@@ -412,8 +471,9 @@ class Daemon:
         ports = {}
         for pid, port in sorted(self.device.ports.items()):
             entry = port.counters.as_dict()
-            if backend_counters := port.backend.counter_values():
+            if backend_counters := self.device.backend_counters(pid):
                 entry["backend"] = dict(backend_counters)
             ports[str(pid)] = entry
         return {"device": self.device.counters.as_dict(), "ports": ports,
-                "vhost_user": self.backend.stats()}
+                "vhost_user": self.backend.stats(),
+                "listeners": {name: c.as_dict() for name, c in sorted(self.listeners.items())}}

@@ -1,20 +1,26 @@
 """The process around one VM's daemon: the listening socket (its own or systemd's), the
 admin and metrics listeners, signals (SIGHUP reloads, SIGTERM/SIGINT stop), sd_notify and
-the watchdog."""
+the watchdog.
+
+Signals are taken before anything else can take time: a SIGHUP's default action kills the
+process, and one may come at any moment (`systemctl reload`, a logrotate script). The
+`vhostser run` command blocks SIGHUP before it imports anything (`vhostser.__main__`); here
+the signal receiver is installed first, and once the daemon is ready SIGHUP is unblocked, so
+one that came during start-up is applied then (with a log line saying so)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
 
 import trio
 
 from . import systemd
 from .admin import serve_admin, serve_metrics
 from .config import ConfigError, VMConfig, load
-from .console.session import Input
 from .continuity import RegionError, StateRegion
 from .custody import FdStore
 from .daemon import SNAPSHOT_VERSION, Daemon
@@ -27,6 +33,14 @@ log = logging.getLogger("vhostser.daemon")
 
 # Socket units' fds, named by FileDescriptorName=; every other name is the daemon's own store.
 SOCKET_UNIT_FDS = ("vhost-user", "admin")
+
+
+class Recovered(NamedTuple):
+    """What a daemon starts from: its fd store, state region, and a snapshot to resume."""
+
+    store: FdStore
+    region: StateRegion | None
+    resume: dict[str, Any] | None
 
 
 class NewerStateError(RuntimeError):
@@ -83,79 +97,110 @@ async def _watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
+def _release_sighup() -> None:
+    """Start-up is over: a SIGHUP held since `vhostser run` began is delivered now."""
+    if signal.SIGHUP in signal.sigpending():
+        log.info("SIGHUP during start-up: reloading now that the daemon is ready")
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
 async def run_daemon(
     cfg: VMConfig,
     *,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Serve one VM until SIGTERM/SIGINT; returns the exit status."""
-    activated = systemd.listen_fds()
-    units = {name: fds for name, fds in activated.items() if name in SOCKET_UNIT_FDS}
-    recovered = {name: fds for name, fds in activated.items() if name not in SOCKET_UNIT_FDS}
-    try:
-        store, region, resume = recover(cfg, recovered)
-    except NewerStateError as e:
-        log.error("%s", e)
-        return 1
-    own_socket = False
-    if units.get("vhost-user"):
-        listener = inherited_unix(units["vhost-user"][0])
-        log.info("vm %s: socket-activated (%s)", cfg.name, ", ".join(units))
-    else:
-        listener = await listen_unix(cfg.socket)
-        own_socket = True
-    admin_fds = units.get("admin")
-    admin_fd = admin_fds[0] if admin_fds else None
+    """Serve one VM until SIGTERM/SIGINT; returns the exit status (1: it could not start)."""
     watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    with listener, trio.open_signal_receiver(*watched) as signals:
-        async with trio.open_nursery() as nursery:
-            daemon = Daemon(cfg, nursery, store=store, region=region, resume=resume)
-            if resume is not None:
-                await daemon.resume_connection(resume)
-            if region is not None:
-                daemon.checkpoint()
-                nursery.start_soon(daemon.checkpoints)
-            await nursery.start(daemon.serve, listener)
-            if cfg.admin_socket or admin_fd is not None:
-                await nursery.start(serve_admin, daemon, cfg.admin_socket, admin_fd)
-            if cfg.metrics_listen:
-                await nursery.start(serve_metrics, daemon, *cfg.metrics_listen)
-            interval = systemd.watchdog_interval()
-            if interval:
-                nursery.start_soon(_watchdog, interval)
-            log.info("vm %s: listening on %s", cfg.name, cfg.socket)
-            systemd.notify("READY=1", f"STATUS=serving {len(cfg.ports)} ports on {cfg.socket}")
-            task_status.started(daemon)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
-                    try:
-                        daemon.reload(load(cfg.source))
-                    except (ConfigError, ValueError) as e:
-                        log.error("reload failed, keeping the running config: %s", e)
-                    systemd.notify("READY=1", "STATUS=config reloaded")
-                    continue
-                log.info("signal %s: shutting down", signal.Signals(signum).name)
-                break
-            systemd.notify("STOPPING=1")
-            if daemon.store.enabled:
-                # Under a service manager that keeps our fds, a stop is a hand-over: the
-                # guest, its sessions and the peers notice nothing, and the next start (a
-                # restart, an upgrade) goes on from here.
-                daemon.hand_over()
-                nursery.cancel_scope.cancel()
+    with trio.open_signal_receiver(*watched) as signals:
+        activated = systemd.listen_fds()
+        units = {name: fds for name, fds in activated.items() if name in SOCKET_UNIT_FDS}
+        recovered = {name: fds for name, fds in activated.items()
+                     if name not in SOCKET_UNIT_FDS}
+        try:
+            store, region, resume = recover(cfg, recovered)
+        except NewerStateError as e:
+            log.error("%s", e)
+            return 1
+        admin_fds = units.get("admin")
+        admin_fd = admin_fds[0] if admin_fds else None
+        own_socket = not units.get("vhost-user")
+        try:
+            if not own_socket:
+                listener = inherited_unix(units["vhost-user"][0])
+                log.info("vm %s: socket-activated (%s)", cfg.name, ", ".join(units))
             else:
-                # Saved before the sessions close: the guest closed nothing, so the next
-                # daemon must know which sessions are still open in the guest.
-                daemon.save_state()
-                daemon.device.close_all(Input.SHUTDOWN)
-                await daemon.device.drain_backends()
-                nursery.cancel_scope.cancel()
-        if not daemon.handing_over:
-            daemon.backend.disconnected()
-    if own_socket:
+                listener = await listen_unix(cfg.socket, cfg.socket_mode,
+                                             group=cfg.socket_group)
+        except OSError as e:
+            log.error("vm %s: cannot listen on %s: %s", cfg.name, cfg.socket, e)
+            return 1
+        with listener:
+            status, handed_over = await _serve(
+                cfg, listener, admin_fd, signals, task_status,
+                Recovered(store, region, resume))
+    if own_socket and not handed_over:
         try:
             os.unlink(cfg.socket)
         except OSError:
             pass
-    return 0
+    return status
+
+
+async def _serve(
+    cfg: VMConfig,
+    listener: trio.socket.SocketType,
+    admin_fd: int | None,
+    signals: AsyncIterator[int],
+    task_status: trio.TaskStatus[Daemon],
+    continuity: Recovered,
+) -> tuple[int, bool]:
+    """(exit status, whether the daemon handed over to a successor)."""
+    async with trio.open_nursery() as nursery:
+        daemon = Daemon(cfg, nursery, store=continuity.store, region=continuity.region,
+                        resume=continuity.resume)
+        if continuity.resume is not None:
+            await daemon.resume_connection(continuity.resume)
+        if continuity.region is not None:
+            daemon.checkpoint()
+            nursery.start_soon(daemon.checkpoints)
+        await nursery.start(daemon.serve, listener)
+        try:
+            if cfg.admin_socket or admin_fd is not None:
+                await nursery.start(serve_admin, daemon, cfg.admin_socket, admin_fd)
+            if cfg.metrics_listen:
+                await nursery.start(serve_metrics, daemon, *cfg.metrics_listen)
+        except OSError as e:
+            log.error("vm %s: cannot listen: %s", cfg.name, e)
+            nursery.cancel_scope.cancel()
+            return 1, False
+        interval = systemd.watchdog_interval()
+        if interval:
+            nursery.start_soon(_watchdog, interval)
+        log.info("vm %s: listening on %s", cfg.name, cfg.socket)
+        systemd.notify("READY=1", f"STATUS=serving {len(cfg.ports)} ports on {cfg.socket}")
+        task_status.started(daemon)
+        _release_sighup()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
+                try:
+                    daemon.reload(load(cfg.source))
+                except (ConfigError, ValueError) as e:
+                    log.error("reload failed, keeping the running config: %s", e)
+                systemd.notify("READY=1", "STATUS=config reloaded")
+                continue
+            log.info("signal %s: shutting down", signal.Signals(signum).name)
+            break
+        systemd.notify("STOPPING=1")
+        if daemon.store.enabled:
+            # Under a service manager that keeps our fds, a stop is a hand-over: the guest,
+            # its sessions and the peers notice nothing, and the next start (a restart, an
+            # upgrade) goes on from here.
+            daemon.hand_over()
+        else:
+            daemon.shut_down()
+            await daemon.device.drain_backends()
+        nursery.cancel_scope.cancel()
+    if not daemon.handing_over:
+        daemon.backend.disconnected()
+    return 0, daemon.handing_over

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vhostser import admin, config
 from vhostser.backends.simple import RecordingBackend
@@ -166,8 +168,10 @@ async def test_stats() -> None:
         guest_reads(daemon, 1, 5)
         daemon.device.ports[2].send(b"nobody")
         stats = ok(daemon, {"cmd": "stats"})
-        assert set(stats) == {"device", "ports", "vhost_user"}
+        assert set(stats) == {"device", "ports", "vhost_user", "listeners"}
         assert stats["vhost_user"] == {"rejected": {}, "bad_fds": {}, "eventfd_failures": {}}
+        assert stats["listeners"] == {"vhost-user": {
+            "accepted": 0, "refused_busy": 0, "refused_peer": 0, "accept_errors": 0}}
         assert set(stats["ports"]) == {"0", "1", "2"}
         p1 = stats["ports"]["1"]
         assert p1["bytes_from_guest"] == 5 and p1["buffers_from_guest"] == 1
@@ -389,8 +393,9 @@ async def test_metrics_parse_line_by_line() -> None:
             "vhostser_frontend_connected", "vhostser_port_session_open",
             "vhostser_port_bytes_total", "vhostser_port_buffers_total",
             "vhostser_port_discarded_bytes_total", "vhostser_port_sessions_opened_total",
-            "vhostser_port_resets_total", "vhostser_control_messages_total",
-            "vhostser_bad_control_messages_total",
+            "vhostser_port_resets_total", "vhostser_port_backend_failures_total",
+            "vhostser_control_messages_total", "vhostser_bad_control_messages_total",
+            "vhostser_listener_connections_total", "vhostser_listener_accept_errors_total",
         }
         assert fams["vhostser_frontend_connected"]["samples"] == [({"vm": "t1"}, 0.0)]
         assert fams["vhostser_port_session_open"]["kind"] == "gauge"
@@ -409,6 +414,10 @@ async def test_metrics_parse_line_by_line() -> None:
         resets = {s[0]["port"]: s[1] for s in fams["vhostser_port_resets_total"]["samples"]}
         assert resets == {"0": 1.0, "1": 1.0, "2": 1.0}
         assert fams["vhostser_bad_control_messages_total"]["samples"] == [({"vm": "t1"}, 0.0)]
+        assert fams["vhostser_listener_connections_total"]["samples"] == [
+            ({"vm": "t1", "listener": "vhost-user", "outcome": outcome}, 0.0)
+            for outcome in ("accepted", "refused-busy", "refused-peer")
+        ]
 
 
 async def test_metrics_label_escaping() -> None:
@@ -493,3 +502,56 @@ async def test_serve_admin_request_too_long(short_dir: str) -> None:
 
         reply = await trio.to_thread.run_sync(flood)
         assert json.loads(reply) == {"ok": False, "error": "request too long"}
+
+
+# ------------------------------------------------------------------------ hostile requests
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\n\t\u00e9'),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(alphabet='[]{}"\\ab'), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+@given(_JSON)
+def test_nesting_depth_is_the_depth_of_the_json(value: Any) -> None:
+    assert admin.nesting_depth(json.dumps(value).encode()) == _depth(value)
+    assert admin.nesting_depth(json.dumps(value, ensure_ascii=False).encode()) == _depth(value)
+
+
+@given(st.binary(max_size=300))
+def test_nesting_depth_takes_any_bytes(line: bytes) -> None:
+    assert 0 <= admin.nesting_depth(line) <= line.count(b"[") + line.count(b"{")
+
+
+@pytest.mark.parametrize("line", [
+    b"[" * 60_000, b"{\"a\":" * 20_000, b'["' + b'\\"' * 20_000,  # unterminated: still linear
+])
+def test_requests_nested_too_deeply_are_refused_before_parsing(line: bytes) -> None:
+    depth = admin.nesting_depth(line)
+    if depth > admin.MAX_NESTING:
+        with pytest.raises(ValueError, match=rf"^nested {depth} deep, more than 32$"):
+            admin.parse_request(line)
+    else:
+        with pytest.raises(ValueError):
+            admin.parse_request(line)
+    assert admin.parse_request(b'{"cmd": "status", "x": ' + b"[" * 31 + b"]" * 31 + b"}") == {
+        "cmd": "status", "x": json.loads(b"[" * 31 + b"]" * 31)}
+
+
+async def test_add_port_paths_outside_the_daemons_directories_are_refused() -> None:
+    async with running() as daemon:  # socket in /nonexistent, no state_dir, no admin socket
+        error = err(daemon, {"cmd": "add-port", "port": {
+            "id": 3, "backend": {"type": "file", "path": "/etc/shadow", "append": False}}})
+        assert error == ("admin request: port.backend.path: '/etc/shadow' is not inside a "
+                         "directory admin requests may name (/nonexistent; [vm] allowed_dirs)")
+        assert sorted(daemon.device.ports) == [0, 1, 2]

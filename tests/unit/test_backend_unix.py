@@ -22,7 +22,6 @@ from test_backend_harness import (
 from trio.testing import MockClock
 
 from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode
-from vhostser.backends.peers import backoff_delays
 from vhostser.backends.unix import UnixBackend
 from vhostser.console import PortConfig
 from vhostser.console.session import Input, State
@@ -601,13 +600,6 @@ async def test_framed_malformed_frame_disconnects_the_peer(
 
 
 # ====================================================================== client role
-
-
-def test_backoff_doubles_to_five_seconds() -> None:
-    delays = backoff_delays()
-    assert [round(next(delays), 3) for _ in range(9)] == [
-        0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0
-    ]
 
 
 async def test_client_reconnects_with_backoff(tmp_path: Path) -> None:

@@ -17,13 +17,12 @@ PACKAGES = ("vhostser", "virtqueue")
 _ABOVE_BACKENDS = ("vhostser.config", "vhostser.daemon", "vhostser.admin", "vhostser.service",
                    "vhostser.cli")
 
+# The leaf helpers every layer may use; they import nothing of vhostser but each other.
+LEAVES = ("vhostser.fds", "vhostser.options", "vhostser.pacing", "vhostser.sockets")
+
 # (importers, forbidden): no module in `importers` imports a module in `forbidden`.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("virtqueue", ("vhostser",)),
-    ("vhostser.fds", ("vhostser",)),
-    ("vhostser.options", ("vhostser",)),
-    ("vhostser.sockets", ("vhostser",)),
-    ("vhostser.logs", ("vhostser",)),
     ("vhostser.vhost_user", ("vhostser.console", "vhostser.backends", *_ABOVE_BACKENDS)),
     ("vhostser.backends", _ABOVE_BACKENDS),
     # The port interface lives with the console; backends implement it.
@@ -175,6 +174,13 @@ def path_of(cycle: list[Edge]) -> str:
 def test_no_import_cycles() -> None:
     cycles = find_cycles(import_graph())
     assert not cycles, "\n".join(_report(f"import cycle: {path_of(c)}", c) for c in cycles)
+
+
+def test_leaf_helpers_import_only_each_other() -> None:
+    bad = [e for e in import_graph() if e.importer in LEAVES and e.imported not in LEAVES
+           and _within(e.imported, "vhostser")]
+    assert not bad, _report(f"the leaf helpers import only each other ({', '.join(LEAVES)}):",
+                            bad)
 
 
 @pytest.mark.parametrize(("importers", "forbidden"), LAYERS, ids=[i for i, _ in LAYERS])

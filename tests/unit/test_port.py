@@ -91,7 +91,7 @@ def test_counters_as_dict() -> None:
     assert type(d["discarded"]) is dict
     assert set(d) == {
         "bytes_to_guest", "buffers_to_guest", "bytes_from_guest", "buffers_from_guest",
-        "sessions_opened", "resets_seen", "redundant_events", "discarded",
+        "sessions_opened", "resets_seen", "redundant_events", "backend_failures", "discarded",
     }
 
 

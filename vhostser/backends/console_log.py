@@ -61,6 +61,7 @@ class ConsoleBackend(ConfigurableBackend):
     """Log file + live readers with scrollback + one writer (see the module doc)."""
 
     counters: ConsoleCounters
+    PATH_OPTIONS = ("path", "socket")
 
     def __init__(
         self,

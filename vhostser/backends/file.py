@@ -238,6 +238,7 @@ class FileBackend(ConfigurableBackend):
     """Guest bytes appended to a file (see the module doc)."""
 
     counters: FileCounters
+    PATH_OPTIONS = ("path",)
 
     def __init__(self, path: str, *, append: bool = True, timestamps: bool = False,
                  attach: Attach = "auto") -> None:

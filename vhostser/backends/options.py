@@ -9,14 +9,25 @@ unstarted backend. It makes no sockets and opens no files: that happens in `run(
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from ..console.port import PortBackend
 
 
 class ConfigurableBackend(PortBackend):
-    """A backend the config file can name: `from_options` validates and builds it."""
+    """A backend the config file can name: `from_options` validates and builds it.
+
+    What its options let it touch is declared, for the admin socket's add-port to check
+    (`config.check_admin_port`): `PATH_OPTIONS`, the options naming a path it creates, writes,
+    truncates, links or connects to; `listen_hosts`, the addresses it would listen on."""
+
+    PATH_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
         raise NotImplementedError
+
+    @classmethod
+    def listen_hosts(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The hosts a backend built from (valid) `options` listens on."""
+        return ()

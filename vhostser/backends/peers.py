@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import select
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Self, cast
 
@@ -63,6 +63,8 @@ import trio
 from ..console.port import Counters, Session
 from ..console.session import Reason, State
 from ..options import Options
+from ..pacing import BACKOFF_MAX, backoff_delays
+from ..sockets import ListenerCounters, accept_connection
 from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
 from .options import ConfigurableBackend
 
@@ -80,19 +82,10 @@ CONNECT_TIMEOUT = 10.0
 SLOW_PEER_GRACE = 0.5  # drop-peer: a peer whose queue stays full this long is dropped
 STABLE_AFTER = 1.0  # a client connection that lived this long resets the reconnect backoff
 HANGUP_WAIT = 1.0  # a new connection waits this long for a peer that hung up to leave
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
 TOO_SLOW, MALFORMED = "too slow", "malformed frame"  # why we cut a peer off (Peer.dropped)
 
 PEER_OPTION_KEYS = frozenset({"role", "mode", "max_peers", "slow_peer", "peer_queue"})
-
-
-def backoff_delays(lo: float = BACKOFF_MIN, hi: float = BACKOFF_MAX) -> Iterator[float]:
-    """0.1, 0.2, 0.4, ... doubling up to `hi`, then `hi` forever."""
-    delay = lo
-    while True:
-        yield delay
-        delay = min(delay * 2, hi)
 
 
 class Endpoint(Protocol):
@@ -474,18 +467,14 @@ class PeerBackend(ConfigurableBackend):
 
     async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Any]) -> None:
         listener = await listen_retrying(self.endpoint, self._where, self._listen_failed)
+        accepts = ListenerCounters()  # for accept_connection's log lines
         with listener:
             self.address = listener.getsockname()
             log.info("%s: listening (%s mode, up to %d peer(s))",
                      self._where, self.opts.mode, self.opts.max_peers)
             task_status.started(self.address)
             while True:
-                try:
-                    sock, _ = await listener.accept()
-                except OSError as e:  # EMFILE and friends: keep the listener
-                    log.error("%s: accept failed: %s", self._where, e)
-                    await trio.sleep(0.1)
-                    continue
+                sock = await accept_connection(listener, self._where, accepts)
                 if len(self._live()) >= self.opts.max_peers:
                     try:
                         await self._let_hung_up_peers_leave()

@@ -84,6 +84,7 @@ class PtyBackend(ConfigurableBackend):
     """The port on a pseudo-terminal (see the module doc)."""
 
     counters: PtyCounters
+    PATH_OPTIONS = ("link",)
 
     def __init__(self, *, link: str | None = None, queue: int = DEFAULT_QUEUE) -> None:
         self.link = link

@@ -159,3 +159,9 @@ class TcpBackend(PeerBackend):
         if netns is not None and (not _NETNS_NAME.fullmatch(netns) or netns in (".", "..")):
             o.fail("netns", f"the name of a network namespace (a file in {NETNS_DIR})", netns)
         return cls(TcpEndpoint(host, port, netns), peer)
+
+    @classmethod
+    def listen_hosts(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+        if options.get("role", "server") != "server":
+            return ()
+        return (options.get("host", "127.0.0.1"),)

@@ -23,15 +23,18 @@ from typing import Any, Self
 import trio
 
 from ..options import Options
-from ..sockets import SOCKET_MODE, listen_unix
+from ..sockets import listen_unix
 from .peers import PEER_OPTION_KEYS, PeerBackend, PeerOptions
 
 log = logging.getLogger("vhostser.backends")
 
+PEER_SOCKET_MODE = 0o660  # host peers of the daemon's group may connect (README: `unix`)
+
+
 class UnixEndpoint:
     """Listen on or connect to a unix socket path."""
 
-    def __init__(self, path: str, mode: int = SOCKET_MODE) -> None:
+    def __init__(self, path: str, mode: int = PEER_SOCKET_MODE) -> None:
         self.path = path
         self.mode = mode
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
@@ -75,6 +78,7 @@ class UnixBackend(PeerBackend):
     """Host peers on a unix stream socket (see the module doc)."""
 
     endpoint: UnixEndpoint
+    PATH_OPTIONS = ("path",)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], where: str) -> Self:

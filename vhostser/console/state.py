@@ -67,10 +67,12 @@ class PortCounters:
     sessions_opened: int = 0
     resets_seen: int = 0
     redundant_events: int = 0
+    backend_failures: int = 0  # the port's backend raised (see console.device)
     # bytes dropped, by reason: guest-closed (host→guest while ¬G), no-host (guest→host with
     # the discard policy), stale (queued for a session that ended), console-overflow,
     # no-session (guest wrote after the host ended its session), too-long (a tx chain over
-    # MAX_TX_CHAIN_BYTES, completed unread)
+    # MAX_TX_CHAIN_BYTES, completed unread), backend-failed (the backend raised taking them,
+    # or a console's backend was down)
     discarded: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:

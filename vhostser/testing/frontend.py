@@ -60,12 +60,15 @@ from ..vhost_user.messages import (
     U64,
     BackendRequest,
     ConfigSpace,
+    DeviceStateTransfer,
     Header,
     MemoryTable,
     Payload,
     ProtocolFeature,
     Request,
     SingleMemoryRegion,
+    TransferDirection,
+    TransferPhase,
     VringAddr,
     VringFile,
     VringState,
@@ -161,6 +164,21 @@ class _Vq:
     avail: int = 0
     used: int = 0
     driver: DriverQueue | None = None
+
+
+def _transfer_accepted(reply: bytes) -> None:
+    status = _parse(Request.SET_DEVICE_STATE_FD, U64, reply).value
+    if status & 0xFF:
+        raise FrontEndError(f"SET_DEVICE_STATE_FD: the back end refused ({status:#x})")
+
+
+async def _read_some(fd: int) -> bytes:
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
 
 
 def sealed_memfd(name: str, size: int) -> int:
@@ -465,6 +483,81 @@ class FrontEnd:
         self._bases = None
         for vq in self._vqs:
             vq.driver = None
+
+    # ------------------------------------------------------------------ migration
+
+    async def save_device_state(self) -> bytes:
+        """The back end's state, as QEMU's migration source takes it: SET_DEVICE_STATE_FD
+        (SAVE, the device suspended) with a pipe, read to its end, CHECK_DEVICE_STATE."""
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            try:
+                reply = await self.request(
+                    Request.SET_DEVICE_STATE_FD,
+                    DeviceStateTransfer(TransferDirection.SAVE, TransferPhase.STOPPED), fds=(w,))
+            finally:
+                os.close(w)
+            _transfer_accepted(reply)
+            data = bytearray()
+            while chunk := await _read_some(r):
+                data += chunk
+        finally:
+            _close_watched(r)
+        await self._check_device_state()
+        return bytes(data)
+
+    async def load_device_state(self, data: bytes) -> None:
+        """Hand a state to the back end, as QEMU's migration destination does: LOAD with a
+        pipe, the state written and the pipe closed, CHECK_DEVICE_STATE."""
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            try:
+                reply = await self.request(
+                    Request.SET_DEVICE_STATE_FD,
+                    DeviceStateTransfer(TransferDirection.LOAD, TransferPhase.STOPPED), fds=(r,))
+            finally:
+                os.close(r)
+            _transfer_accepted(reply)
+            view = memoryview(data)
+            while view:
+                await trio.lowlevel.wait_writable(w)
+                try:
+                    view = view[os.write(w, view):]
+                except BlockingIOError:
+                    continue
+        finally:
+            _close_watched(w)
+        await self._check_device_state()
+
+    async def _check_device_state(self) -> None:
+        if status := await self._get_u64(Request.CHECK_DEVICE_STATE):
+            raise FrontEndError(f"CHECK_DEVICE_STATE: the back end reports {status}")
+
+    async def migrate_to(self, path: str | os.PathLike[str]) -> None:
+        """Move the running device to the back end listening at `path`, as a migration of the
+        VM does: the rings stop (the VM pauses), the state is saved from this back end, a new
+        connection is realized, the state loaded, and the rings start where they stopped. The
+        guest's memory, rings and driver stay as they are; the old connection closes."""
+        bases = await self.stop(pause=True)
+        state = await self.save_device_state()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(os.fspath(path))
+        old, self._sock = self._sock, sock
+        old.close()
+        if self._backend_sock is not None:
+            self._backend_sock.close()
+            self._backend_sock = None
+        vqs, self._vqs = self._vqs, []
+        self._mem_added = False
+        self.log.append("-- migrated --")
+        await self.realize(len(vqs))
+        for fresh, moved in zip(self._vqs, vqs, strict=True):
+            for fd in (moved.call_fd, moved.err_fd):
+                _close_watched(fd)
+            moved.call_fd, moved.err_fd = fresh.call_fd, fresh.err_fd
+        self._vqs = vqs
+        await self.load_device_state(state)
+        await self._start_sequence(bases)
 
     async def get_config(self, offset: int, size: int) -> bytes:
         """GET_CONFIG: `size` bytes of the device's config space from `offset`."""

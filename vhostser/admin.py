@@ -18,9 +18,10 @@ from typing import Any
 
 import trio
 
+from .backends.unix import UnixEndpoint
 from .config import ConfigError, load, parse_port
 from .daemon import Daemon
-from .sockets import BACKLOG, inherited_unix, listen_unix
+from .sockets import BACKLOG, inherited_unix
 
 log = logging.getLogger("vhostser.admin")
 
@@ -154,8 +155,10 @@ async def _handle(daemon: Daemon, conn: trio.socket.SocketType) -> None:
                     response: dict[str, Any] = {"ok": False, "error": f"not JSON: {e}"}
                 else:
                     response = dispatch(daemon, request)
-                    log.info("admin %s: %s", request.get("cmd") if isinstance(request, dict)
-                             else "?", "ok" if response["ok"] else response["error"])
+                    # Debug: `ctl status` in a loop must not fill the journal; what a
+                    # command changes is logged where it is done, at info.
+                    log.debug("admin %s: %s", request.get("cmd") if isinstance(request, dict)
+                              else "?", "ok" if response["ok"] else response["error"])
                 try:
                     await conn.send(json.dumps(response).encode() + b"\n")
                 except OSError:
@@ -169,17 +172,23 @@ async def serve_admin(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    endpoint = None
     if fd is not None:
         listener = inherited_unix(fd)
     else:
         assert path is not None
-        listener = await listen_unix(path, 0o600)  # admin commands: the daemon's user only
-    with listener:
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_handle, daemon, conn)
+        endpoint = UnixEndpoint(path, 0o600)  # admin commands: the daemon's user only
+        listener = await endpoint.listen()
+    try:
+        with listener:
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(_handle, daemon, conn)
+    finally:
+        if endpoint is not None:  # our socket file only, not a successor's
+            endpoint.cleanup()
 
 
 async def serve_metrics(

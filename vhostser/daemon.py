@@ -15,10 +15,30 @@ import trio
 from . import state as state_mod
 from .config import PortSpec, VMConfig
 from .console import ConsoleDevice, Port
-from .console.session import Input
+from .console.session import Input, State
 from .vhost_user import VhostUserBackend, send_backend_request, serve_connection
+from .vhost_user.backend import STATUS_NEEDS_RESET
 
 log = logging.getLogger("vhostser.daemon")
+
+# The virtio device status bits (virtio 1.2 §2.1), low to high, as `ctl status` names them.
+STATUS_BITS = (
+    (0x01, "ACKNOWLEDGE"), (0x02, "DRIVER"), (0x08, "FEATURES_OK"), (0x04, "DRIVER_OK"),
+    (STATUS_NEEDS_RESET, "NEEDS_RESET"), (0x80, "FAILED"),
+)
+# Session states by name, next to the letter the JSON keeps (console/session.py).
+STATE_NAMES = {
+    State.A: "open (guest+host)",
+    State.B: "closed",
+    State.C: "host waiting",
+    State.D: "guest open, no host",
+    State.E: "ended by host",
+}
+
+
+def status_names(status: int) -> list[str]:
+    """The set bits of a virtio device status, in the order a driver sets them."""
+    return [name for bit, name in STATUS_BITS if status & bit]
 
 
 def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
@@ -55,6 +75,13 @@ class Daemon:
         self.specs: dict[int, PortSpec] = {}
         self.frontend_connected = False
         self.connections = 0
+        self.frontend_left: float | None = None  # when the last front end went away
+        # What `status` calls the vhost-user socket: the config's path, or what the service
+        # was handed instead (socket activation, --fd).
+        self.socket = cfg.socket
+        # Sessions taken back from the state file that no front end has confirmed yet (port
+        # id -> session id): until one connects, nothing says the guest is still there.
+        self.restored: dict[int, int] = {}
         self._grace_scope: trio.CancelScope | None = None
         self.state_path = Path(cfg.state_dir) / "state.json" if cfg.state_dir else None
         saved = state_mod.load(self.state_path) if self.state_path else state_mod.VMState()
@@ -74,6 +101,7 @@ class Daemon:
             # The guest had this port open when the previous daemon stopped: the session goes
             # on (a reconnecting QEMU brings the same guest back); tell the backend again.
             self.device.restore_session(spec.config.id, saved.session_id)
+            self.restored[spec.config.id] = saved.session_id
         self.save_state()
         return port
 
@@ -81,6 +109,7 @@ class Daemon:
         self.next_ids[port_id] = self.device.ports[port_id].next_session_id
         self.device.remove_port(port_id)
         del self.specs[port_id]
+        self.restored.pop(port_id, None)
         self.save_state()
 
     def close_session(self, port_id: int) -> int | None:
@@ -149,23 +178,43 @@ class Daemon:
                 log.warning("vm %s: refusing a second front-end connection", self.cfg.name)
                 conn.close()
                 continue
-            self.frontend_connected = True
-            self.connections += 1
-            if self._grace_scope is not None:
-                self._grace_scope.cancel()
+            self._connected()
             self.nursery.start_soon(self._run_connection, conn)
 
-    async def _run_connection(self, conn: trio.socket.SocketType) -> None:
+    async def serve_connected(self, conn: trio.socket.SocketType) -> None:
+        """Serve the one connection the daemon was started on (`run --fd` with a connected
+        socket, as libvirt and crosvm hand it) and return when it ends. Nobody can connect
+        again, so the sessions close then (frontend-gone) instead of waiting for a grace
+        period."""
+        self._connected()
+        await self._run_connection(conn, reconnectable=False)
+        log.info("vm %s: the front end cannot come back on a passed connection: closing "
+                 "sessions", self.cfg.name)
+        self.device.close_all(Input.FRONTEND_GONE)
+        self.save_state()
+
+    def _connected(self) -> None:
+        self.frontend_connected = True
+        self.connections += 1
+        self.restored.clear()
+        if self._grace_scope is not None:
+            self._grace_scope.cancel()
+
+    async def _run_connection(
+        self, conn: trio.socket.SocketType, *, reconnectable: bool = True
+    ) -> None:
         log.info("vm %s: front end connected", self.cfg.name)
         try:
             with conn:
                 await serve_connection(conn, self.backend)
         finally:
             self.frontend_connected = False
+            self.frontend_left = time.time()
             self.save_state()
-            log.info("vm %s: front end gone; sessions kept for %.0f s", self.cfg.name,
-                     self.cfg.frontend_grace)
-            self.nursery.start_soon(self._grace_period)
+            if reconnectable:
+                log.info("vm %s: front end gone; sessions kept for %.0f s", self.cfg.name,
+                         self.cfg.frontend_grace)
+                self.nursery.start_soon(self._grace_period)
 
     async def _grace_period(self) -> None:
         with trio.CancelScope() as scope:
@@ -182,22 +231,35 @@ class Daemon:
     # -------------------------------------------------------------- reporting
 
     def status(self) -> dict[str, Any]:
+        """What `ctl status` shows. `status` and `driver_ready` are the device's last known
+        state: they stay what the last front end left while none is connected (reconnect is
+        not reset), so `frontend_connected` / `frontend_left` say whether they are live."""
+        status = self.backend.status | (STATUS_NEEDS_RESET if self.backend.needs_reset else 0)
         return {
             "vm": self.cfg.name,
             "config": self.cfg.source,
-            "socket": self.cfg.socket,
+            "socket": self.socket,
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 1),
             "frontend_connected": self.frontend_connected,
+            "frontend_left": None if self.frontend_connected or self.frontend_left is None
+            else round(time.time() - self.frontend_left, 1),
             "connections": self.connections,
             "driver_ready": self.device.driver_ready,
             "multiport": self.device.multiport,
             "status": self.backend.status,
+            "status_bits": status_names(status),
             "needs_reset": self.backend.needs_reset,
             "max_ports": self.cfg.max_ports,
             "ports": len(self.device.ports),
             "sessions_open": sum(1 for p in self.device.ports.values() if p.session),
+            "sessions_restored": sum(1 for pid in self.device.ports if self._restored(pid)),
         }
+
+    def _restored(self, pid: int) -> bool:
+        """The port's open session is one taken back from the state file, unconfirmed."""
+        session = self.device.ports[pid].session
+        return session is not None and self.restored.get(pid) == session.id
 
     def ports(self) -> list[dict[str, Any]]:
         return [
@@ -206,11 +268,14 @@ class Daemon:
                 "name": port.name,
                 "console": port.config.console,
                 "backend": self.specs[pid].backend_type if pid in self.specs else "?",
+                "endpoint": port.backend.endpoint_info(),
                 "state": port.state.name,
+                "state_name": STATE_NAMES[port.state],
                 "guest_open": port.state.guest_open,
                 "host_open": port.state.host_open,
                 "guest_ready": port.guest_ready,
                 "session": port.session.id if port.session else None,
+                "restored": self._restored(pid),
             }
             for pid, port in sorted(self.device.ports.items())
         ]
@@ -218,7 +283,8 @@ class Daemon:
     def sessions(self) -> list[dict[str, Any]]:
         return [
             {"port": pid, "name": port.name, "session": port.session.id,
-             "state": port.state.name}
+             "state": port.state.name, "state_name": STATE_NAMES[port.state],
+             "restored": self._restored(pid)}
             for pid, port in sorted(self.device.ports.items())
             if port.session is not None
         ]

@@ -64,3 +64,25 @@ def inherited_unix(fd: int) -> trio.socket.SocketType:
     sock = trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
     os.close(fd)
     return sock
+
+
+
+def passed_unix(fd: int) -> socket.socket:
+    """The unix stream socket a parent passed as `fd` (`run --fd`, the vhost-user back-end
+    convention), listening or already connected: libvirt passes virtiofsd a listening socket,
+    its vhost-user-gpu and crosvm a connected one (SO_ACCEPTCONN tells them apart). The
+    returned socket owns `fd`; OSError/ValueError say what `fd` is instead."""
+    try:
+        sock = socket.socket(fileno=fd)  # the family and type are read from the fd itself
+    except OSError as e:
+        raise OSError(e.errno, f"--fd {fd}: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        kind = f"{sock.family.name} {sock.type.name}"
+        sock.detach()  # not ours to close: the caller passed it
+        raise ValueError(f"--fd {fd}: a {kind} socket, not a unix stream socket")
+    sock.set_inheritable(False)
+    return sock
+
+
+def is_listening(sock: socket.socket | trio.socket.SocketType) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))

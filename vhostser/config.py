@@ -73,7 +73,6 @@ DEFAULT_TOML = """\
 name = "default"
 socket = "/tmp/vhostser/default.sock"
 max_ports = 4
-admin_socket = "/tmp/vhostser/default.ctl"
 
 [[port]]
 id = 0

@@ -46,7 +46,8 @@ def test_embedded_default_parses() -> None:
     assert cfg.name == "default"
     assert cfg.source == "<embedded default>"
     assert cfg.socket == "/tmp/vhostser/default.sock"
-    assert cfg.admin_socket == "/tmp/vhostser/default.ctl"
+    # Not configured: `run` and `ctl` derive it from the socket (default.ctl beside it).
+    assert cfg.admin_socket is None
     assert [(p.config.id, p.config.name, p.config.console, p.backend_type) for p in cfg.ports] == [
         (0, "", True, "stdout"),
         (1, "org.vhostser.echo", False, "echo"),

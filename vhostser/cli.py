@@ -194,6 +194,38 @@ def ask(t: Target, req: dict[str, Any]) -> dict[str, Any]:
         _fail(f"{t.who} closed the connection on {path} without an answer")
 
 
+SO_ACCEPTCON = 0x10000  # /proc/net/unix's Flags bit of a listening socket
+
+
+def _listening_inode(path: str) -> int | None:
+    """The inode of a socket listening at `path` in our network namespace, from
+    /proc/net/unix: looked up, not connected to, so the listener notices nothing."""
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(None, 7)  # Num RefCount Protocol Flags Type St Inode Path
+        if (len(fields) == 8 and os.path.abspath(fields[7]) == os.path.abspath(path)
+                and int(fields[3], 16) & SO_ACCEPTCON):
+            return int(fields[6])
+    return None
+
+
+def _pid_holding(inode: int) -> int | None:
+    target = f"socket:[{inode}]"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+            if any(os.readlink(f"/proc/{entry.name}/fd/{fd}") == target for fd in fds):
+                return int(entry.name)
+        except OSError:  # gone, or not ours to look at
+            continue
+    return None
+
+
 def _peer_pid(path: str) -> int | None:
     """The pid of whoever listens on the unix socket `path` (SO_PEERCRED of a probe
     connection: the listener's credentials), None if nobody does."""
@@ -206,6 +238,19 @@ def _peer_pid(path: str) -> int | None:
         creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid: int = struct.unpack("3i", creds)[0]
     return pid
+
+
+def _listener(path: str, *, may_probe: bool) -> str | None:
+    """Who listens at `path` ("pid N: command"), None if nobody (a stale socket file).
+    /proc/net/unix first; a probe connection (SO_PEERCRED) only where the listener takes it
+    for nothing worse than a front end coming and going (`may_probe`): a port's peer
+    connecting would be a host open for the guest."""
+    inode = _listening_inode(path)
+    if inode is not None:
+        pid = _pid_holding(inode)
+        return _process(pid) if pid is not None else "a process this user cannot see"
+    pid = _peer_pid(path) if may_probe else None  # another namespace, or no /proc
+    return _process(pid) if pid is not None else None
 
 
 def _process(pid: int) -> str:
@@ -296,10 +341,10 @@ def _socket_problem(cfg: VMConfig, what: str, path: str, fix: str) -> str | None
                     f"(pid {other.get('pid')}): stop it first, or {fix}")
         return (f"the admin socket {path} is in use by the vhostser serving VM "
                 f"{other.get('vm')} (pid {other.get('pid')}): {fix}")
-    pid = _peer_pid(path)
-    if pid is None:  # stale: it will be replaced, if we may
+    who = _listener(path, may_probe=not what.startswith("port "))
+    if who is None:  # stale: it will be replaced, if we may
         return _unwritable(what, path)
-    return f"the {what} {path} is in use ({_process(pid)}): stop that, or {fix}"
+    return f"the {what} {path} is in use ({who}): stop that, or {fix}"
 
 
 def startup_problem(cfg: VMConfig, *, bind_vhost_user: bool = True,

@@ -233,6 +233,9 @@ def test_second_daemon_for_the_same_vm(tmp: Path) -> None:
         line = one_line_error(vhostser("run", "--config", str(cfg), "--socket-path",
                                        str(tmp / "b.sock"), "--admin", str(tmp / "vm1.ctl")))
         assert f"(pid {first.pid})" in line and "another --admin" in line, line
+        # Told by the admin socket's status: no probe on the vhost-user socket, which the
+        # first daemon would have taken for a front end.
+        assert "front end connected" not in first.stderr()
         # The first daemon is untouched by all this.
         assert trio.run(guest_echo, str(tmp / "vm1.sock"), b"still here") == b"still here"
     finally:
@@ -253,6 +256,11 @@ backend = {{ type = "unix", path = "{tmp}/peer.sock" }}
     cfg.write_text(CONFIG.format(tmp=tmp, name="p", extra="") + extra_port)
     with holder:
         line = one_line_error(vhostser("run", "--config", str(cfg)))
+        # Found through /proc/net/unix, not by connecting: a peer connecting to a port's
+        # socket would be a host open for that port's guest.
+        holder.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            holder.accept()
     assert f"port 2's socket {tmp}/peer.sock is in use (pid {os.getpid()}" in line, line
     assert f"change port[1].backend in {cfg}" in line
 

@@ -1,6 +1,6 @@
 """Real `vhostser` processes for the command-line tests: a daemon started as a user starts
-it (`python -m vhostser run`), known ready by its READY=1 on a real NOTIFY_SOCKET, and the
-other commands run to completion."""
+it (`python -m vhostser run`), known ready by its READY=1 on a real NOTIFY_SOCKET, the other
+commands run to completion; and a guest echoing through the daemon's echo port."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import trio
+
+from vhostser.testing import FrontEnd, open_frontend
+from vhostser.testing.console_driver import ConsoleDriver
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +85,24 @@ class DaemonProc:
             self.proc.kill()
             self.proc.wait()
         self.notify.close()
+
+
+async def echo_through(fe: FrontEnd, payload: bytes, port: str = "org.test.echo") -> bytes:
+    """A guest on `fe` opens the echo port, writes `payload` and reads it back."""
+    driver = ConsoleDriver(fe, max_ports=4)
+    await driver.probe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(driver.run)
+        gport = await driver.wait_port(port)
+        await driver.wait_for(lambda: gport.host_connected)
+        await gport.open()
+        await gport.write_all(payload)
+        got = await gport.read_exactly(len(payload), timeout=10)
+        nursery.cancel_scope.cancel()
+    return got
+
+
+async def guest_echo(path: str, payload: bytes) -> bytes:
+    """`echo_through` a front end connecting to the vhost-user socket at `path`."""
+    async with open_frontend(path) as fe:
+        return await echo_through(fe, payload)

@@ -21,9 +21,8 @@ import pytest
 import trio
 
 from vhostser.testing import open_frontend
-from vhostser.testing.console_driver import ConsoleDriver
 
-from .procs import ROOT, DaemonProc, env, vhostser
+from .procs import ROOT, DaemonProc, echo_through, env, guest_echo, vhostser
 
 CONFIG = """
 [vm]
@@ -61,25 +60,6 @@ def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
     assert "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1, r.stderr
     return lines[0]
-
-
-async def guest_echo(path: str, payload: bytes) -> bytes:
-    async with open_frontend(path) as fe:
-        return await _echo(fe, payload)
-
-
-async def _echo(fe: object, payload: bytes) -> bytes:
-    driver = ConsoleDriver(fe, max_ports=4)  # type: ignore[arg-type]
-    await driver.probe()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(driver.run)
-        port = await driver.wait_port("org.test.echo")
-        await driver.wait_for(lambda: port.host_connected)
-        await port.open()
-        await port.write_all(payload)
-        got = await port.read_exactly(len(payload), timeout=10)
-        nursery.cancel_scope.cancel()
-    return got
 
 
 # ---------------------------------------------------------------------------- conventions
@@ -182,7 +162,7 @@ def test_fd_connected_socket_stops_with_its_front_end(tmp: Path) -> None:
                                      pass_fds=[conn.fileno()])
             conn.close()
             listener.close()
-            return await _echo(fe, b"over a passed connection")
+            return await echo_through(fe, b"over a passed connection")
 
     try:
         assert trio.run(main) == b"over a passed connection"

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from vhostser.testing import open_frontend
-from vhostser.testing.console_driver import ConsoleDriver
+from .procs import guest_echo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,21 +112,6 @@ def activated() -> Iterator[Activated]:
         notify.close()
 
 
-async def _guest_echo(path: str, payload: bytes) -> bytes:
-    async with open_frontend(path) as fe:
-        driver = ConsoleDriver(fe, max_ports=4)
-        await driver.probe()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(driver.run)
-            port = await driver.wait_port("org.test.echo")
-            await driver.wait_for(lambda: port.host_connected)
-            await port.open()
-            await port.write_all(payload)
-            got = await port.read_exactly(len(payload), timeout=10)
-            nursery.cancel_scope.cancel()
-        return got
-
-
 def test_socket_activation_notify_ctl_reload_and_shutdown(activated: Activated) -> None:
     a = activated
     ready = a.notifications("READY=1")
@@ -137,7 +121,7 @@ def test_socket_activation_notify_ctl_reload_and_shutdown(activated: Activated) 
 
     # A guest works through the socket systemd handed over.
     payload = os.urandom(200_000)
-    assert trio.run(_guest_echo, a.vhost_path, payload) == payload
+    assert trio.run(guest_echo, a.vhost_path, payload) == payload
 
     # ctl, human and --json; the front end has gone, the session stays for the grace period.
     r = a.ctl("ports")

@@ -29,7 +29,7 @@ import trio
 from . import __version__, admin, attach, systemd
 from .config import ConfigError, VMConfig, default, load
 from .daemon import qemu_command_line
-from .service import run_daemon
+from .service import SOCKET_UNIT_FDS, run_daemon
 from .sockets import passed_unix
 
 # `--print-capabilities`: the vhost-user.json schema's VHostUserBackendCapabilities for a
@@ -629,8 +629,12 @@ def _run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, admin_socket=args.admin or admin_socket_of(
         cfg, served if isinstance(served, str) else ""))
     activated = systemd.listen_fds(unset=False)  # a peek: run_daemon takes them
-    problem = startup_problem(cfg, bind_vhost_user=passed is None and not activated,
-                              bind_admin="admin" not in activated)
+    # Fds a predecessor left in the service manager's store (a restart under systemd): its
+    # sockets, held there, are this VM's own, not in the way.
+    resuming = any(name not in SOCKET_UNIT_FDS for name in activated)
+    problem = None if resuming else startup_problem(
+        cfg, bind_vhost_user=passed is None and "vhost-user" not in activated,
+        bind_admin="admin" not in activated)
     if problem:
         _fail(problem)
     if passed is None and not activated:
@@ -737,6 +741,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bad += 1
                 else:
                     print(f"{f}: ok: vm {cfg.name}, {len(cfg.ports)} ports, socket {cfg.socket}")
+                    # Warnings, not errors: a log directory may appear by the time the daemon
+                    # runs (and systemd runs check before every start).
+                    for spec in cfg.ports:
+                        for problem in spec.make_backend().problems():
+                            print(f"{f}: warning: port {spec.config.id}: {problem}",
+                                  file=sys.stderr)
             return 1 if bad else 0
         if args.command == "ctl":
             return _ctl(args)

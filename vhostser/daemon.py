@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,14 @@ import trio
 
 from . import state as state_mod
 from .config import PortSpec, VMConfig
-from .console import ConsoleDevice, Port
+from .console import ConsoleDevice, DeviceState, Port, PortConfig, PortState
 from .console.session import Input, State
-from .vhost_user import VhostUserBackend, send_backend_request, serve_connection
+from .console.staging import Staging
+from .continuity import RequestKind, SharedStaging, StateRegion
+from .custody import FdStore
+from .vhost_user import Header, VhostUserBackend, send_backend_request, serve_connection
 from .vhost_user.backend import STATUS_NEEDS_RESET
+from .vhost_user.messages import HEADER
 
 log = logging.getLogger("vhostser.daemon")
 
@@ -56,18 +61,44 @@ def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
     )
 
 
-class Daemon:
-    """One VM's vhostser: the device, its ports and the front-end connection."""
+SNAPSHOT_VERSION = 1
+# Counters and staged bytes change with every chain; they reach the state region this often
+# (everything else as it changes).
+CHECKPOINT_INTERVAL = 0.5
 
-    def __init__(self, cfg: VMConfig, nursery: trio.Nursery) -> None:
+
+class Daemon:
+    """One VM's vhostser: the device, its ports and the front-end connection.
+
+    With fd custody (`store` enabled: under a service manager) every fd the VM's channels need
+    is in systemd's store and the state in `region`; `resume` is a predecessor's snapshot to
+    go on from (then `resume_connection` picks up its front end)."""
+
+    def __init__(
+        self,
+        cfg: VMConfig,
+        nursery: trio.Nursery,
+        *,
+        store: FdStore | None = None,
+        region: StateRegion | None = None,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.nursery = nursery
         self.started = time.time()
+        self.store = store if store is not None else FdStore(enabled=False)
+        self.region = region
+        self.handing_over = False  # the state is final: nothing more goes to store or region
+        self.resumed = resume is not None
         self.device = ConsoleDevice(
             nursery, max_ports=cfg.max_ports, cols=cfg.cols, rows=cfg.rows,
             resize_rows_first=cfg.resize_rows_first, vm_name=cfg.name,
+            resume=None if resume is None else DeviceState.from_dict(resume["console"]),
         )
+        self.device.core.checkpoint = self.checkpoint
+        self.device.core.new_staging = self._new_staging
         self.backend = VhostUserBackend(self.device)
+        self.backend.custody = self._custody
         self.device.on_broken = self.backend.mark_needs_reset
         self.device.on_config_change = lambda: nursery.start_soon(
             send_backend_request, self.backend, self.backend.config_change_message()
@@ -84,12 +115,60 @@ class Daemon:
         self.restored: dict[int, int] = {}
         self._grace_scope: trio.CancelScope | None = None
         self.state_path = Path(cfg.state_dir) / "state.json" if cfg.state_dir else None
+        if resume is not None:
+            self.next_ids = {int(k): int(v) for k, v in resume["next_ids"].items()}
+            self._adopt_ports()
+            return
         saved = state_mod.load(self.state_path) if self.state_path else state_mod.VMState()
         # The next session id per port id, kept across removal and re-adding of a port (and,
         # through the state file, across restarts): session ids are never reused.
         self.next_ids = {pid: p.next_session_id for pid, p in saved.ports.items()}
         for spec in cfg.ports:
             self.add_port(spec, saved.ports.get(spec.config.id))
+
+    def _new_staging(self, config: PortConfig) -> Staging:
+        if not self.store.enabled:
+            return Staging.in_memory(config.staging_limit)
+        name = f"port{config.id}.staging"
+        return SharedStaging.create(config.staging_limit,
+                                    keep=lambda fd: self._custody(name, fd),
+                                    release=lambda: self._custody(name, None))
+
+    def _resumed_staging(self, port: PortState) -> None:
+        """The staging buffer the predecessor shared is newer than its last snapshot."""
+        name = f"port{port.config.id}.staging"
+        fd = self.store.fd(name)
+        if fd is None:
+            return
+        try:
+            shared = SharedStaging(fd, release=lambda: self._custody(name, None))
+        except (OSError, ValueError) as e:
+            log.error("port %d: the stored staging buffer is unusable (%s): using the "
+                      "snapshot's", port.config.id, e)
+            return
+        if shared.capacity != port.config.staging_limit:
+            shared.close()
+            return
+        port.staging = shared
+
+    def _adopt_ports(self) -> None:
+        """The resumed device has its ports: each gets its backend from the config. A port the
+        config no longer has, or has changed, is removed (and re-added), as a reload would."""
+        resumed = self.device.state.ports
+        wanted = {s.config.id: s for s in self.cfg.ports}
+        for pid in sorted(resumed):
+            self._resumed_staging(resumed[pid])
+            spec = wanted.get(pid)
+            if spec is not None and spec.config == resumed[pid].config:
+                self.device.adopt_port(spec.config, spec.make_backend())
+                self.specs[pid] = spec
+            else:
+                self.next_ids[pid] = resumed[pid].next_session_id
+                self.device.core.remove_port(pid)
+                self.device.settle()
+        for pid, spec in wanted.items():
+            if pid not in self.specs:
+                self.add_port(spec)
 
     # -------------------------------------------------------------- ports
 
@@ -161,6 +240,105 @@ class Daemon:
         except OSError as e:
             log.error("cannot save state to %s: %s", self.state_path, e)
 
+    # -------------------------------------------------------------- continuity
+
+    def _custody(self, name: str, fd: int | None) -> None:
+        if self.handing_over:
+            return  # the fds stay in the store for the successor
+        if fd is None:
+            self.store.release(name)
+        else:
+            self.store.keep(name, fd)
+
+    def snapshot(self) -> dict[str, Any]:
+        for pid, port in self.device.ports.items():
+            self.next_ids[pid] = port.next_session_id
+        return {
+            "version": SNAPSHOT_VERSION,
+            "vm": self.cfg.name,
+            "connected": self.frontend_connected,
+            "vhost_user": self.backend.snapshot(),
+            "console": self.device.state.to_dict(),
+            "next_ids": {str(k): v for k, v in sorted(self.next_ids.items())},
+            "fd_aliases": self.store.aliases,
+        }
+
+    def checkpoint(self) -> int:
+        """Make the current state the one a successor resumes from; its generation."""
+        if self.region is None or self.handing_over:
+            return 0
+        return self.region.write(self.snapshot())
+
+    async def checkpoints(self) -> None:
+        """What changes with every chain (counters, staged bytes) reaches the region too."""
+        while self.region is not None:
+            await trio.sleep(CHECKPOINT_INTERVAL)
+            self.checkpoint()
+
+    def hand_over(self) -> None:
+        """A planned restart: the state as it is now is final; everything stays in the store
+        (no session closes, nothing is said to the guest or to the peers)."""
+        self.checkpoint()
+        self.handing_over = True
+        self.store.enabled = False
+        log.info("vm %s: state handed over (%d fds in the store)", self.cfg.name,
+                 self.store.stored)
+
+    # The Journal of serve_connection: a request the process dies in is finished by the
+    # successor (see continuity.RequestKind).
+    def received(self, raw: bytes, with_fds: bool) -> None:
+        if self.region is not None and not self.handing_over:
+            kind = RequestKind.RECEIVED_WITH_FDS if with_fds else RequestKind.RECEIVED
+            self.region.record_request(kind, raw, self.region.generation)
+
+    def handled(self, reply: bytes | None) -> None:
+        generation = self.checkpoint()
+        if reply is not None and self.region is not None and not self.handing_over:
+            self.region.record_request(RequestKind.REPLY, reply, generation)
+
+    def replied(self) -> None:
+        if self.region is not None and not self.handing_over:
+            self.region.request_done()
+
+    async def resume_connection(self, doc: dict[str, Any]) -> bool:
+        """Go on with the predecessor's front end, if it had one: no vhost-user message, the
+        rings restart where they stand, and a request it died in is finished."""
+        fd = self.store.fd("vu.conn")
+        if fd is None or not doc.get("connected"):
+            return False
+        self.backend.resume(doc["vhost_user"], self.store.fd)
+        self.device.core.resume_done()
+        conn = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+        self.frontend_connected = True
+        self.connections += 1
+        await self._finish_request(conn)
+        self.checkpoint()
+        self.nursery.start_soon(self._run_connection, conn)
+        log.info("vm %s: resumed the front end's connection (%d fds from the store)",
+                 self.cfg.name, self.store.stored)
+        return True
+
+    async def _finish_request(self, conn: trio.socket.SocketType) -> None:
+        assert self.region is not None
+        request = self.region.request()
+        if request.generation != self.region.generation:
+            return
+        reply: bytes | None = None
+        if request.kind is RequestKind.REPLY:
+            reply = request.data
+        elif request.kind in (RequestKind.RECEIVED, RequestKind.RECEIVED_WITH_FDS):
+            # Its fds (if it had any) went with the predecessor: the request table refuses it
+            # then, with the answer the front end asked for.
+            header = Header.unpack(request.data[: HEADER.size])
+            reply = self.backend.receive(header, request.data[HEADER.size :], []).reply
+        else:
+            return
+        log.info("vm %s: finishing the request the predecessor was handling (%s)",
+                 self.cfg.name, request.kind.name)
+        if reply is not None:
+            await conn.send(reply)
+        self.replied()
+
     # -------------------------------------------------------------- front end
 
     async def serve(
@@ -178,7 +356,7 @@ class Daemon:
                 log.warning("vm %s: refusing a second front-end connection", self.cfg.name)
                 conn.close()
                 continue
-            self._connected()
+            self._connected(conn)
             self.nursery.start_soon(self._run_connection, conn)
 
     async def serve_connected(self, conn: trio.socket.SocketType) -> None:
@@ -186,35 +364,42 @@ class Daemon:
         socket, as libvirt and crosvm hand it) and return when it ends. Nobody can connect
         again, so the sessions close then (frontend-gone) instead of waiting for a grace
         period."""
-        self._connected()
+        self._connected(conn)
         await self._run_connection(conn, reconnectable=False)
         log.info("vm %s: the front end cannot come back on a passed connection: closing "
                  "sessions", self.cfg.name)
         self.device.close_all(Input.FRONTEND_GONE)
         self.save_state()
 
-    def _connected(self) -> None:
+    def _connected(self, conn: trio.socket.SocketType) -> None:
         self.frontend_connected = True
         self.connections += 1
         self.restored.clear()
         if self._grace_scope is not None:
             self._grace_scope.cancel()
+        self._custody("vu.conn", conn.fileno())
+        log.info("vm %s: front end connected", self.cfg.name)
 
     async def _run_connection(
         self, conn: trio.socket.SocketType, *, reconnectable: bool = True
     ) -> None:
-        log.info("vm %s: front end connected", self.cfg.name)
         try:
             with conn:
-                await serve_connection(conn, self.backend)
+                try:
+                    await serve_connection(conn, self.backend,
+                                           self if self.region is not None else None)
+                finally:
+                    self._custody("vu.conn", None)
         finally:
-            self.frontend_connected = False
-            self.frontend_left = time.time()
-            self.save_state()
-            if reconnectable:
-                log.info("vm %s: front end gone; sessions kept for %.0f s", self.cfg.name,
-                         self.cfg.frontend_grace)
-                self.nursery.start_soon(self._grace_period)
+            # Handing over, the front end is not gone: the successor goes on with it.
+            if not self.handing_over:
+                self.frontend_connected = False
+                self.frontend_left = time.time()
+                self.save_state()
+                if reconnectable:
+                    log.info("vm %s: front end gone; sessions kept for %.0f s", self.cfg.name,
+                             self.cfg.frontend_grace)
+                    self.nursery.start_soon(self._grace_period)
 
     async def _grace_period(self) -> None:
         with trio.CancelScope() as scope:
@@ -296,4 +481,5 @@ class Daemon:
             if backend_counters := port.backend.counter_values():
                 entry["backend"] = dict(backend_counters)
             ports[str(pid)] = entry
-        return {"device": self.device.counters.as_dict(), "ports": ports}
+        return {"device": self.device.counters.as_dict(), "ports": ports,
+                "vhost_user": self.backend.stats()}

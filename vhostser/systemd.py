@@ -4,14 +4,17 @@ library only; outside systemd every call is a quiet no-op."""
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 
 log = logging.getLogger("vhostser.systemd")
 
 SD_LISTEN_FDS_START = 3
+NOTIFY_TIMEOUT = 2.0
 
 
 def listen_fds(*, unset: bool = True) -> dict[str, list[int]]:
@@ -38,20 +41,38 @@ def listen_fds(*, unset: bool = True) -> dict[str, list[int]]:
     return fds
 
 
-def notify(*lines: str) -> bool:
-    """Send `KEY=value` lines to $NOTIFY_SOCKET; False if there is none or it failed."""
+def notify(*lines: str, fds: Sequence[int] = ()) -> bool:
+    """Send `KEY=value` lines (and `fds`, for FDSTORE=1) to $NOTIFY_SOCKET; False if there
+    is none or it failed."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return False
     address = "\0" + path[1:] if path.startswith("@") else path
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            # The manager reads promptly; a bound keeps a stuck one from freezing the daemon.
+            s.settimeout(NOTIFY_TIMEOUT)
             s.connect(address)
-            s.sendall("\n".join(lines).encode())
+            s.sendmsg(["\n".join(lines).encode()], ancillary if fds else [])
         return True
     except OSError as e:
         log.warning("sd_notify to %s failed: %s", path, e)
         return False
+
+
+def fd_store_available() -> bool:
+    """Whether the service manager keeps fds for us: systemd ≥ 254 says so in $FDSTORE (its
+    FileDescriptorStoreMax=); older ones do not, so the unit says it (VHOSTSER_FDSTORE=1)."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return False
+    for var in ("FDSTORE", "VHOSTSER_FDSTORE"):
+        try:
+            if int(os.environ.get(var, "0")) > 0:
+                return True
+        except ValueError:
+            pass
+    return False
 
 
 def watchdog_interval() -> float | None:

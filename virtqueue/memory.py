@@ -1,9 +1,16 @@
-"""Guest memory: the regions a front end shares with the device, addressed guest-physically."""
+"""Guest memory: the regions a front end shares with the device, addressed guest-physically.
+
+A mapping touched past the end of its file raises SIGBUS, which kills the process: so
+`MappedMemory` refuses a region its file is too short for, and a memfd not sealed against
+shrinking (F_SEAL_SHRINK; QEMU's memory-backend-memfd seals by default). The residual risk:
+hugetlbfs, tmpfs and plain files cannot be sealed, so their size is checked once, when the
+region is mapped; a front end that truncates such a file afterwards still crashes the back
+end. Only the front end can do that (not the guest); memfd guest RAM closes the hole.
+"""
 
 from __future__ import annotations
 
 import fcntl
-import logging
 import mmap
 import os
 import stat
@@ -13,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtqueue.errors import GuestMemoryError
-
-log = logging.getLogger("virtqueue")
 
 __all__ = ["BytesMemory", "GuestMemory", "MappedMemory", "Region"]
 
@@ -130,10 +135,18 @@ class GuestMemory(ABC):
         )
 
 
+def _is_memfd(fd: int) -> bool:
+    # A memfd's /proc link is "/memfd:NAME (deleted)". Seals alone cannot tell: tmpfs and
+    # hugetlbfs files report F_SEAL_SEAL, as a memfd made without MFD_ALLOW_SEALING does.
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    except OSError:
+        return False
+
+
 def _check_backing(region: Region, fd: int, length: int) -> None:
-    """Touching a mapping beyond the end of its file raises SIGBUS, which would kill the
-    daemon: refuse a file that is too short now, and say so when nothing stops it shrinking
-    later (QEMU seals its memfd RAM; hugetlbfs and plain files cannot be sealed)."""
+    """Refuse a backing that could make touching the mapping raise SIGBUS (see the module
+    doc): a file shorter than the region, a memfd its owner may still shrink."""
     try:
         st = os.fstat(fd)
     except OSError as e:
@@ -146,10 +159,14 @@ def _check_backing(region: Region, fd: int, length: int) -> None:
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        return  # not a memfd: nothing to check
-    if not seals & fcntl.F_SEAL_SHRINK:
-        log.warning("memory region at 0x%x: memfd not sealed against shrinking; a front end "
-                    "that truncates it would crash the back end", region.guest_phys_addr)
+        return  # not shmem or hugetlbfs: a file that cannot be sealed
+    if not seals & fcntl.F_SEAL_SHRINK and _is_memfd(fd):
+        raise GuestMemoryError(
+            f"memory region at guest 0x{region.guest_phys_addr:x} size 0x{region.size:x} "
+            "refused: its memfd is not sealed against shrinking (F_SEAL_SHRINK); truncated "
+            "under the mapping it would crash the back end (QEMU: memory-backend-memfd "
+            "with seal=on, the default)"
+        )
 
 
 class MappedMemory(GuestMemory):

@@ -61,7 +61,7 @@ async def _unknown_code(fe: FrontEnd, need_reply: bool) -> None:
 
 
 async def _known_but_unsupported(fe: FrontEnd, need_reply: bool) -> None:
-    await fe.request(Request.SET_DEVICE_STATE_FD, bytes(8), need_reply=need_reply)
+    await fe.request(Request.SEND_RARP, bytes(8), need_reply=need_reply)
 
 
 async def _body_size_mismatch(fe: FrontEnd, need_reply: bool) -> None:

@@ -181,7 +181,8 @@ async def test_stats() -> None:
         guest_reads(daemon, 1, 5)
         daemon.device.ports[2].send(b"nobody")
         stats = ok(daemon, {"cmd": "stats"})
-        assert set(stats) == {"device", "ports"}
+        assert set(stats) == {"device", "ports", "vhost_user"}
+        assert stats["vhost_user"] == {"rejected": {}, "bad_fds": {}, "eventfd_failures": {}}
         assert set(stats["ports"]) == {"0", "1", "2"}
         p1 = stats["ports"]["1"]
         assert p1["bytes_from_guest"] == 5 and p1["buffers_from_guest"] == 1

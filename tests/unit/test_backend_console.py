@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 
+import pytest
 import trio
 from test_backend_harness import (
     Guest,
@@ -14,8 +17,10 @@ from test_backend_harness import (
     unix_connect,
     wait_until,
 )
+from trio.testing import MockClock
 
 from vhostser.backends.console_log import ConsoleBackend
+from vhostser.backends.peers import BACKOFF_MAX
 from vhostser.console import PortConfig
 from vhostser.console.session import State
 
@@ -144,3 +149,30 @@ async def test_readers_over_the_limit_are_refused(tmp_path: Path) -> None:
         assert await receive_until_eof(second) == b""
         assert backend.counters.readers_refused == 1
         await first.aclose()
+
+
+async def test_a_taken_socket_path_is_retried_with_backoff(
+    tmp_path: Path, autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="vhostser")
+    backend = make(tmp_path)
+    guest = Guest(backend, PortConfig(0, console=True))
+    taken = tmp_path / "c.sock"
+    taken.write_text("not a socket")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.run)
+        await wait_until(lambda: backend.counters.listen_failures >= 3, timeout=30)
+        guest.open()
+        guest.write(b"kept meanwhile\n")  # the log and the scrollback work without readers
+        await guest.drain()
+        taken.unlink()
+        with trio.fail_after(BACKOFF_MAX + 1):  # the next attempt, at most one backoff later
+            while not (taken.exists() and stat.S_ISSOCK(taken.stat().st_mode)):
+                await trio.sleep(0.05)
+        reader = await unix_connect(str(taken))
+        assert await receive_exactly(reader, 15) == b"kept meanwhile\n"
+        nursery.cancel_scope.cancel()
+    failed = [r for r in caplog.records if "cannot listen" in r.getMessage()]
+    assert len(failed) == backend.counters.listen_failures
+    assert [r.levelno for r in failed].count(logging.ERROR) == 1  # once per streak
+    assert (tmp_path / "console.log").read_bytes() == b"kept meanwhile\n"

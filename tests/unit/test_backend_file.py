@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from test_backend_harness import Guest, running
 
 from vhostser.backends.file import FileBackend, LineStamper, format_timestamp
 from vhostser.console import PortConfig
 from vhostser.console.session import State
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_guest_bytes_appended_byte_exact(tmp_path: Path) -> None:
@@ -143,3 +149,100 @@ def test_line_stamper_across_chunks() -> None:
     assert s.stamp(b"") == b""
     assert s.stamp(b"\n\n") == c + b"\n" + c + b"\n"  # empty lines are lines
     assert format_timestamp(0) == "1970-01-01T00:00:00.000Z "
+
+
+async def test_a_fifo_at_the_path_is_refused_at_reopen_and_the_old_file_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """logrotate's place taken by a FIFO: opening it would wait for a reader (the daemon hung
+    in SIGHUP), writing to it blocks when the reader stops. Refused; the old file goes on."""
+    caplog.set_level(logging.INFO, logger="vhostser")
+    log = tmp_path / "serial.log"
+    backend = FileBackend.from_options({"path": str(log)}, "test")
+    guest = Guest(backend)
+    async with running(backend):
+        guest.open()
+        guest.write(b"one\n")
+        await guest.drain()
+        os.rename(log, tmp_path / "serial.log.1")
+        os.mkfifo(log)
+        # With a reader the FIFO opens, and is refused all the same. (Without one its open
+        # would block: the daemon test in tests/integration/test_backend_faults.py.)
+        reader = os.open(log, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            backend.reopen()
+            guest.write(b"two\n")
+            await guest.drain()
+            assert os.read(reader, 100) == b""  # nothing went into the FIFO
+        finally:
+            os.close(reader)
+    assert (tmp_path / "serial.log.1").read_bytes() == b"one\ntwo\n"
+    assert backend.counters.open_errors == 1 and backend.counters.reopens == 0
+    assert backend.counters.bytes_lost == 0
+    refused = [r.getMessage() for r in caplog.records if "reopen" in r.getMessage()]
+    assert len(refused) == 1
+    assert "failed, writing on to the old file: it is a FIFO, not a regular file" in refused[0]
+    assert backend.problems() == [f"{log} is a FIFO, not a regular file: it will be refused"]
+
+
+async def test_a_fifo_at_the_path_from_the_start_drops_and_counts(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    os.mkfifo(log)
+    reader = os.open(log, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        backend = FileBackend.from_options({"path": str(log)}, "test")
+        guest = Guest(backend)
+        async with running(backend):
+            guest.open()
+            guest.write(b"nowhere")
+            await guest.drain()
+        assert os.read(reader, 100) == b""
+    finally:
+        os.close(reader)
+    assert backend.counters.bytes_lost == 7 and backend.counters.bytes_written == 0
+
+
+async def test_a_missing_directory_drops_counts_and_logs_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vhostser")
+    log = tmp_path / "missing" / "serial.log"
+    backend = FileBackend.from_options({"path": str(log)}, "test")
+    assert backend.problems() == [
+        f"{log}: directory {log.parent} does not exist: the guest's output will be dropped "
+        "(counted) until it does"
+    ]
+    guest = Guest(backend)
+    async with running(backend):
+        guest.open()
+        for _ in range(3):
+            backend.sink._next_open = 0  # retry the open at every write, as seconds go by
+            guest.write(b"0123456789")
+            await guest.drain()
+        assert backend.counters.bytes_lost == 30 and backend.counters.open_errors == 4
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 2, errors  # the open failing (once per streak), the first loss
+        assert "cannot open" in errors[0] and "No such file or directory" in errors[0]
+        log.parent.mkdir()
+        backend.sink._next_open = 0
+        guest.write(b"back")
+        await guest.drain()
+    assert log.read_bytes() == b"back"
+    assert any("30 bytes were dropped while it would not open" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_check_warns_about_a_missing_log_directory(tmp_path: Path) -> None:
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[vm]\nsocket = "{tmp_path}/vu.sock"\n[[port]]\nid = 1\n'
+                      f'backend = {{ type = "file", path = "{tmp_path}/nodir/x.log" }}\n'
+                      '[[port]]\nid = 2\nconsole = true\n'
+                      f'backend = {{ type = "console", path = "{tmp_path}/c.log" }}\n')
+    r = subprocess.run([sys.executable, "-m", "vhostser", "check", str(config)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr  # a warning: the directory may exist when it runs
+    assert f"{config}: ok" in r.stdout
+    assert r.stderr.splitlines() == [
+        f"{config}: warning: port 1: {tmp_path}/nodir/x.log: directory {tmp_path}/nodir does "
+        "not exist: the guest's output will be dropped (counted) until it does"
+    ]

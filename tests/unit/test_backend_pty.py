@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 import termios
 from pathlib import Path
 
+import pytest
 import trio
 from test_backend_harness import Guest, running, wait_until
 
@@ -106,6 +108,49 @@ async def test_pty_on_a_console_port_never_holds_the_guest() -> None:
         guest.write(os.urandom(1 << 20))
         await guest.drain()  # dropped when full, counted by the port
         await wait_until(lambda: guest.port.counters.discarded["console-overflow"] > 0)
+
+
+# What getty and login do to their tty: take it as their controlling terminal, vhangup().
+VHANGUP = """
+import ctypes, os, signal, sys
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the hang-up signals the session leader too
+os.open(sys.argv[1], os.O_RDWR)  # a session leader's first tty: its controlling terminal
+if ctypes.CDLL(None, use_errno=True).vhangup() != 0:
+    sys.exit("vhangup: " + os.strerror(ctypes.get_errno()))
+"""
+
+
+def is_raw(fd: int) -> bool:
+    iflag, oflag, _, lflag = termios.tcgetattr(fd)[:4]
+    return not (lflag & (termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
+                or iflag & (termios.ICRNL | termios.IXON) or oflag & termios.OPOST)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="vhangup needs CAP_SYS_TTY_CONFIG")
+async def test_a_hung_up_slave_is_raw_again_and_never_echoes_the_guest() -> None:
+    """A hang-up resets the slave's termios to ECHO|ICANON: the guest's output used to come
+    back into the guest as echo (12,289 bytes no host process wrote)."""
+    backend = PtyBackend.from_options({}, "test")
+    guest = Guest(backend)
+    async with running(backend) as path:
+        guest.open()
+        for n in (1, 2):  # after each hang-up
+            await trio.run_process([sys.executable, "-c", VHANGUP, path],
+                                   start_new_session=True)
+            await wait_until(lambda: backend.counters.hangups == n)  # noqa: B023
+            fd = open_slave(path)  # someone attaches again, as screen or minicom would
+            try:
+                assert is_raw(fd)
+                written = b"echo me?\r\x03\x04 line\n" * 100
+                guest.write(written)
+                await guest.drain()
+                assert await read_fd(fd, len(written)) == written  # raw: not one byte changed
+                await write_fd(fd, b"END")
+                # Anything echoed would have been queued before END.
+                assert await guest.read_exactly(3) == b"END"
+                assert guest.read() == b""
+            finally:
+                os.close(fd)
 
 
 def test_symlinks_replace_symlinks_only(tmp_path: Path) -> None:

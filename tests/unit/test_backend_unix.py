@@ -33,6 +33,14 @@ def make(tmp_path: Path, **options: Any) -> UnixBackend:
     return UnixBackend.from_options({"path": str(tmp_path / "p.sock"), **options}, "test")
 
 
+async def unix_listener(path: str) -> trio.socket.SocketType:
+    """A server for the client role to connect to."""
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(4)
+    return listener
+
+
 def blob(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
@@ -329,6 +337,26 @@ async def test_session_mode_a_new_peer_may_come_while_the_old_one_lingers(
         assert guest.read() == b""
 
 
+async def test_session_mode_reconnect_right_after_closing_is_never_refused(
+    tmp_path: Path,
+) -> None:
+    """A client that reconnects at once after closing used to find its old connection still
+    counted against max_peers (its hang-up not yet read) every second time: refused."""
+    backend = make(tmp_path, mode="session")
+    guest = Guest(backend)
+    async with running(backend):
+        for i in range(1, 51):
+            peer = await unix_connect(backend.path)
+            c = backend.counters
+            await wait_until(lambda: c.peers_accepted + c.peers_refused == i)  # noqa: B023
+            assert c.peers_refused == 0, f"connection {i} refused"
+            await wait_until(lambda: guest.host_open)
+            await peer.send_all(b"x")  # an ECONNRESET would show here or at the close
+            await peer.aclose()
+        await wait_until(lambda: not backend.peers)
+    assert guest.host_opens() == [1, 0] * 50
+
+
 async def test_session_mode_slow_peer_dropped_ends_its_session(tmp_path: Path) -> None:
     backend = make(tmp_path, mode="session", peer_queue=4096, slow_peer="drop-peer")
     guest = Guest(backend)
@@ -343,6 +371,110 @@ async def test_session_mode_slow_peer_dropped_ends_its_session(tmp_path: Path) -
         await guest.drain()
         assert guest.port.counters.discarded["no-session"] > 0
         await peer.aclose()
+
+
+# ====================================================================== unsent bytes
+# Every byte queued for a peer is sent or counted dropped, by reason: with one peer, what the
+# port handed the backend = bytes_sent + the bytes dropped unsent (+ what is still queued).
+
+
+def balanced(backend: UnixBackend, guest: Guest) -> bool:
+    c = backend.counters
+    queued = sum(len(p.out) for p in backend.peers)
+    return (guest.port.counters.bytes_from_guest
+            == c.bytes_sent + sum(c.bytes_dropped_unsent.values()) + queued)
+
+
+async def test_client_whose_server_stops_reading_and_goes_away_counts_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "server.sock")
+    backend = UnixBackend.from_options({"path": path, "role": "client"}, "test")
+    guest = Guest(backend)
+    listener = await unix_listener(path)
+    with listener:
+        async with running(backend):
+            conn, _ = await listener.accept()
+            await wait_until(lambda: guest.host_open)
+            guest.open()
+            guest.write(blob(4 << 20, 11))  # far more than the socket and peer_queue hold
+            with trio.move_on_after(0.3):
+                await guest.drain()
+            assert guest.pending  # the server reads nothing: the guest is held
+            conn.close()  # ... and goes away
+            await wait_until(lambda: not guest.host_open)
+            dropped = backend.counters.bytes_dropped_unsent
+            assert dropped["peer-gone"] > 0 and set(dropped) == {"peer-gone"}
+            assert balanced(backend, guest)
+            assert backend.counters.bytes_to_peers == guest.port.counters.bytes_from_guest
+    lost = [r.getMessage() for r in caplog.records if "dropped unsent" in r.getMessage()]
+    assert len(lost) == 1 and f"{dropped['peer-gone']} bytes" in lost[0], lost
+
+
+async def test_drop_peer_counts_what_the_dropped_peer_never_got(tmp_path: Path) -> None:
+    backend = make(tmp_path, peer_queue=4096, slow_peer="drop-peer")
+    guest = Guest(backend)
+    async with running(backend):
+        peer = await unix_connect(backend.path)  # never reads
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        guest.write(blob(4 << 20, 12))
+        await wait_until(lambda: backend.counters.peers_dropped_slow == 1 and not backend.peers)
+        dropped = backend.counters.bytes_dropped_unsent
+        assert dropped["drop-peer"] > 0 and set(dropped) == {"drop-peer"}
+        assert balanced(backend, guest)
+        await peer.aclose()
+
+
+async def test_session_close_flush_timeout_counts_what_was_not_flushed(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    backend = make(tmp_path, mode="session")
+    guest = Guest(backend)
+    async with running(backend):
+        peer = await unix_connect(backend.path)  # never reads, never hangs up
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        guest.write(blob(1 << 20, 13))
+        await trio.sleep(1)  # autojump_clock: over once every task is blocked
+        assert backend.peers[0].out  # queued, the socket full
+        taken = guest.port.counters.bytes_from_guest
+        guest.close()  # the peer gets CLOSE_TIMEOUT to take the session's last bytes
+        await wait_until(lambda: not backend.peers, timeout=10)
+        dropped = backend.counters.bytes_dropped_unsent
+        assert dropped["close-timeout"] > 0 and set(dropped) == {"close-timeout"}
+        assert guest.port.counters.bytes_from_guest == taken
+        assert balanced(backend, guest)
+        await peer.aclose()
+
+
+async def test_bytes_queued_when_the_backend_stops_are_counted(tmp_path: Path) -> None:
+    backend = make(tmp_path)
+    guest = Guest(backend)
+    async with running(backend):
+        peer = await unix_connect(backend.path)  # never reads
+        await wait_until(lambda: guest.host_open)
+        guest.open()
+        guest.write(blob(2 << 20, 14))
+        await wait_until(lambda: bool(guest.pending) and bool(backend.peers[0].out))
+    dropped = backend.counters.bytes_dropped_unsent
+    assert dropped["stopped"] > 0 and set(dropped) == {"stopped"}
+    assert balanced(backend, guest)
+    await peer.aclose()
+
+
+async def test_bytes_a_session_peer_sent_before_hanging_up_unbound_are_counted(
+    tmp_path: Path,
+) -> None:
+    backend = make(tmp_path, mode="session")
+    Guest(backend)
+    async with running(backend):
+        peer = await unix_connect(backend.path)
+        await peer.send_all(b"request")
+        await wait_until(lambda: backend.counters.bytes_from_peers == 7)
+        await peer.aclose()  # gone before the guest opened: its session never existed
+        await wait_until(lambda: not backend.peers)
+        assert backend.counters.peer_bytes_dropped == 7
 
 
 # ====================================================================== framed mode
@@ -485,9 +617,7 @@ async def test_client_reconnects_with_backoff(tmp_path: Path) -> None:
     async with running(backend):
         await wait_until(lambda: backend.counters.connect_failures >= 2)
         t0 = trio.current_time()
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await listener.bind(path)
-        listener.listen(4)
+        listener = await unix_listener(path)
         with listener:
             conn, _ = await listener.accept()  # the third attempt, 0.4 s after the second
             assert trio.current_time() - t0 < 1.0
@@ -512,9 +642,7 @@ async def test_client_in_session_mode_reconnects_for_the_next_session(tmp_path: 
     backend = UnixBackend.from_options({"path": path, "role": "client", "mode": "session"},
                                        "test")
     guest = Guest(backend)
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await listener.bind(path)
-    listener.listen(4)
+    listener = await unix_listener(path)
     with listener:
         async with running(backend):
             conn, _ = await listener.accept()

@@ -81,6 +81,7 @@ def test_a_core_on_the_copy_goes_on_alike(first: list[tuple[str, Any]],
 
 def sample() -> dict[str, Any]:
     guest = PortGuest(RecordingBackend(), PortConfig(1, "org.test"))
+    guest.reads_control = False  # a paused VM: the PORT_OPEN waits in the state
     guest.port.host_attach()
     guest.open()
     guest.port.send(b"staged")
@@ -94,7 +95,7 @@ def test_the_sample_holds_what_a_successor_needs() -> None:
         "A", "ready", 1, 2)
     assert doc["driver_ready"] is True and doc["version"] == 1
     state = DeviceState.from_dict(doc)
-    assert state.ports[1].staging == b"staged"
+    assert state.ports[1].staging.data() == b"staged"
     assert state.ports[1].session is State.A and state.ports[1].announce is Announce.READY
     assert [m.event for m in state.control_out] == [Event.PORT_OPEN]
 

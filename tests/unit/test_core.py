@@ -4,8 +4,12 @@ no trio and no fds: the sans-io core is driven exactly as the trio layer drives 
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +19,11 @@ from vhostser.console.core import (
     CONTROL_RX,
     CONTROL_TX,
     FEATURES,
+    MAX_CONTROL_CHAIN_BYTES,
+    MAX_TX_CHAIN_BYTES,
     ConsoleCore,
     Output,
+    RingBroken,
     SessionClosed,
     SessionOpened,
     Wake,
@@ -25,7 +32,7 @@ from vhostser.console.core import (
 )
 from vhostser.console.session import Input, State
 from vhostser.console.state import DeviceState, PortConfig
-from virtqueue import BytesMemory, DriverQueue, RingError, SplitQueue, ring_layout
+from virtqueue import BytesMemory, Chain, DriverQueue, RingError, SplitQueue, ring_layout
 
 SIZE = 16
 BUF = 0x8_0000  # guest buffers from here; rings below
@@ -34,9 +41,9 @@ BUF = 0x8_0000  # guest buffers from here; rings below
 class Machine:
     """A core, its rings and a driver per queue; `deliver` answers from `accept`."""
 
-    def __init__(self, max_ports: int = 2) -> None:
+    def __init__(self, max_ports: int = 2, clock: Callable[[], float] = time.monotonic) -> None:
         self.mem = BytesMemory(((0, 1 << 20),))
-        self.core = ConsoleCore(DeviceState(max_ports), self._deliver)
+        self.core = ConsoleCore(DeviceState(max_ports), self._deliver, clock=clock)
         self.core.features_acked(FEATURES)
         self.accept = True
         self.delivered: list[tuple[int, bytes]] = []
@@ -256,3 +263,187 @@ def test_no_ring_or_message_breaks_the_core(actions: list[Any]) -> None:
             broken.add(index)
         DeviceState.from_dict(m.core.state.to_dict())
     assert m.core.state.ports[1].session in tuple(State)
+
+
+# ------------------------------------------------------------------------ bounded work
+
+
+def _aliased_chain(m: Machine, index: int, pieces: int, piece: int) -> int:
+    """A chain of `pieces` descriptors (one indirect table) all naming the same `piece`
+    bytes of guest memory: pieces * piece bytes for the walker, `piece` bytes of RAM."""
+    buf = m.buffer(b"A" * piece)
+    table = m.buffer(size=16 * pieces)
+    return m.drivers[index].add([(buf, piece)] * pieces, indirect_table=table)
+
+
+def _no_copy(self: Chain) -> bytes:
+    raise AssertionError("an over-long chain was copied")
+
+
+def test_an_over_long_tx_chain_is_completed_unread_and_counted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = Machine()
+    m.core.add_port(PortConfig(1))
+    m.start()
+    m.up(1)
+    m.core.host_event(1, Input.HOST_OPEN)
+    head = _aliased_chain(m, tx_queue(1), 2048, 4096)  # 8 MiB for the walker
+    monkeypatch.setattr(Chain, "read", _no_copy)
+    m.serve(tx_queue(1))
+    monkeypatch.undo()
+    assert m.used(tx_queue(1)) == [(head, 0)] and m.delivered == []
+    assert m.core.state.counters.bad_chains == {"tx-too-long": 1}
+    assert m.core.state.ports[1].counters.discarded == {"too-long": 2048 * 4096}
+    assert any("tx chain" in r.getMessage() and f"{2048 * 4096} bytes" in r.getMessage()
+               for r in caplog.records)
+    # The port goes on: the next chain is delivered.
+    m.guest_writes(1, b"after")
+    m.serve(tx_queue(1))
+    assert m.delivered == [(1, b"after")]
+
+
+def test_a_tx_chain_of_the_bound_is_delivered() -> None:
+    m = Machine()
+    m.core.add_port(PortConfig(1))
+    m.start()
+    m.up(1)
+    m.core.host_event(1, Input.HOST_OPEN)
+    _aliased_chain(m, tx_queue(1), MAX_TX_CHAIN_BYTES // 4096, 4096)
+    m.serve(tx_queue(1))
+    assert m.delivered == [(1, b"A" * MAX_TX_CHAIN_BYTES)]
+    assert m.core.state.counters.bad_chains == {}
+
+
+def test_an_over_long_chain_on_a_missing_port_is_counted_uncopied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    m = Machine()
+    m.start()
+    head = _aliased_chain(m, tx_queue(1), 1024, 4096)
+    monkeypatch.setattr(Chain, "read", _no_copy)
+    m.serve(tx_queue(1))
+    assert m.used(tx_queue(1)) == [(head, 0)]
+    assert m.core.state.counters.bytes_on_missing_ports == 1024 * 4096
+
+
+def test_an_over_long_control_chain_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = Machine()
+    m.core.add_port(PortConfig(1))
+    m.start()
+    head = _aliased_chain(m, CONTROL_TX, 2, MAX_CONTROL_CHAIN_BYTES // 2 + 1)
+    monkeypatch.setattr(Chain, "read", _no_copy)
+    m.serve(CONTROL_TX)
+    monkeypatch.undo()
+    assert m.used(CONTROL_TX) == [(head, 0)]
+    assert m.core.state.counters.bad_chains == {"control-tx-too-long": 1}
+    assert m.core.state.counters.control_from_guest == 0
+    m.up(1)  # the control queue goes on
+    assert m.core.state.ports[1].session is State.D
+
+
+# ------------------------------------------------------------------------ containment
+
+
+def _break(m: Machine, index: int) -> None:
+    """The guest claims more chains than its ring holds: the ring cannot be trusted."""
+    m.drivers[index].set_avail_idx(SIZE + 1)
+
+
+def _two_open_ports() -> Machine:
+    m = Machine(max_ports=3)
+    for port_id in (1, 2):
+        m.core.add_port(PortConfig(port_id))
+    m.start()
+    m.guest_sends(ControlMessage(BAD_ID, Event.DEVICE_READY, 1))
+    for port_id in (1, 2):
+        m.guest_sends(ControlMessage(port_id, Event.PORT_READY, 1))
+        m.guest_sends(control.port_open(port_id, True))
+        m.core.host_event(port_id, Input.HOST_OPEN)
+        assert m.core.state.ports[port_id].session is State.A
+    m.drain_outputs()
+    return m
+
+
+def test_a_broken_port_ring_is_that_ports_alone(caplog: pytest.LogCaptureFixture) -> None:
+    m = _two_open_ports()
+    _break(m, tx_queue(1))
+    with pytest.raises(RingError) as info:
+        m.serve(tx_queue(1))
+    assert m.core.ring_broken(tx_queue(1), str(info.value)) is False
+    assert m.drain_outputs() == [RingBroken(tx_queue(1))]
+    assert m.core.state.counters.rings_broken == 1
+    (line,) = [r.getMessage() for r in caplog.records if "broken by the guest" in r.getMessage()]
+    assert f"vring {tx_queue(1)} (port 1)" in line and "avail idx" in line
+    # Neither of its queues is served any more; reported again, it is not counted again.
+    assert m.serve(tx_queue(1)) is False and m.serve(rx_queue(1)) is False
+    assert m.core.ring_broken(rx_queue(1), "again") is False
+    assert m.core.state.counters.rings_broken == 1
+    # Port 2 and the control queue go on.
+    m.guest_writes(2, b"port 2")
+    m.serve(tx_queue(2))
+    assert m.delivered == [(2, b"port 2")]
+    m.guest_sends(control.port_open(2, False))
+    assert m.core.state.ports[2].session is State.C
+    # The port's ring set up anew (a reset, a new SET_VRING_ADDR) is served again.
+    m.drivers[tx_queue(1)].set_avail_idx(0)
+    m.rings[tx_queue(1)] = fresh = SplitQueue(m.mem, SIZE, *_ring_addrs(tx_queue(1)))
+    m.core.ring_started(tx_queue(1), fresh)
+    m.guest_writes(1, b"again")
+    m.serve(tx_queue(1))
+    assert m.delivered[-1] == (1, b"again")
+
+
+def _ring_addrs(index: int) -> tuple[int, int, int]:
+    """Where Machine lays out ring `index`."""
+    _, avail, used, total = ring_layout(SIZE)
+    base = index * ((total + 0xFFF) & ~0xFFF)
+    return base, base + avail, base + used
+
+
+def test_a_port_ring_broken_under_the_control_queue_stays_the_ports() -> None:
+    """The guest closes port 1, whose tx ring it broke: the close flushes that ring from the
+    control queue's service, which must go on (the bug: the control ring stopped)."""
+    m = _two_open_ports()
+    m.guest_writes(1, b"before")
+    _break(m, tx_queue(1))
+    m.guest_sends(control.port_open(1, False))  # raises nothing: the control queue lives
+    assert m.core.state.ports[1].session is State.C
+    assert RingBroken(tx_queue(1)) in m.outputs
+    assert m.core.state.counters.rings_broken == 1
+    m.guest_sends(control.port_open(2, False))
+    assert m.core.state.ports[2].session is State.C
+
+
+def test_a_broken_control_ring_is_the_devices() -> None:
+    m = _two_open_ports()
+    for index in (CONTROL_RX, CONTROL_TX):
+        assert m.core.ring_broken(index, "avail idx jumped") is True
+    assert m.drain_outputs() == [] and m.core.state.counters.rings_broken == 0
+
+
+# ------------------------------------------------------------------------ rate-limited lines
+
+
+def test_a_flood_of_bad_control_messages_logs_a_few_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "vhostser")
+    now = [0.0]
+    m = Machine(clock=lambda: now[0])
+    m.start()
+    for _ in range(SIZE * 8):
+        m.drivers[CONTROL_TX].add([(m.buffer(b"bad"), 3)])
+        m.serve(CONTROL_TX)
+        m.used(CONTROL_TX)
+    assert m.core.state.counters.bad_control == SIZE * 8
+    lines = [r.getMessage() for r in caplog.records if "bad control message" in r.getMessage()]
+    assert len(lines) == 10
+    now[0] += 60
+    caplog.clear()
+    m.drivers[CONTROL_TX].add([(m.buffer(b"bad"), 3)])
+    m.serve(CONTROL_TX)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"bad control messages: {SIZE * 8 - 10} similar messages suppressed in 60 s",
+        f"vring {CONTROL_TX}: bad control message ignored: control message of 3 bytes, need 8",
+    ]

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("vhostser.fds", ("vhostser",)),
     ("vhostser.options", ("vhostser",)),
     ("vhostser.sockets", ("vhostser",)),
+    ("vhostser.logs", ("vhostser",)),
     ("vhostser.vhost_user", ("vhostser.console", "vhostser.backends", *_ABOVE_BACKENDS)),
     ("vhostser.backends", _ABOVE_BACKENDS),
     # The port interface lives with the console; backends implement it.

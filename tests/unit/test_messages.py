@@ -49,6 +49,7 @@ def example(request: m.Request) -> tuple[m.Payload, int]:
         m.MemoryTable: (m.MemoryTable((REGION,)), 1),
         m.SingleMemoryRegion: (m.SingleMemoryRegion(REGION), 1),
         m.ConfigSpace: (m.ConfigSpace(4, 8, 0, bytes(range(8))), 0),
+        m.DeviceStateTransfer: (m.DeviceStateTransfer(0, 0), 1),
     }
     payload, nfds = examples[payload_type]
     nfds = max(m.REQUESTS[request].min_fds, min(nfds, m.REQUESTS[request].max_fds))
@@ -181,6 +182,7 @@ def test_fd_bounds_of_the_table() -> None:
         R.SET_BACKEND_REQ_FD: (1, 1),
         R.ADD_MEM_REG: (1, 1),
         R.REM_MEM_REG: (0, 1),
+        R.SET_DEVICE_STATE_FD: (1, 1),
     }
 
 
@@ -363,6 +365,7 @@ PAYLOADS: dict[type[m.Payload], st.SearchStrategy[m.Payload]] = {
     m.MemoryTable: st.builds(m.MemoryTable, st.lists(regions, max_size=8).map(tuple)),
     m.SingleMemoryRegion: st.builds(m.SingleMemoryRegion, regions),
     m.ConfigSpace: config_spaces(),
+    m.DeviceStateTransfer: st.builds(m.DeviceStateTransfer, u32, u32),
 }
 
 

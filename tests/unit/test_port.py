@@ -144,6 +144,39 @@ def test_h_changes_told_only_after_guest_ready() -> None:
     assert g.control == [control.port_open(1, False), control.port_open(1, True)]
 
 
+def test_h_flaps_the_guest_has_not_read_collapse_into_the_final_value() -> None:
+    """A paused VM reads no control message while peers come and go: the queue holds one
+    PORT_OPEN for the port, with the latest H, and never overflows."""
+    port, _, g = make(ready=True, name="p")
+    g.reads_control = False
+    for _ in range(10_000):
+        port.host_attach()
+        port.host_detach()
+    assert list(g.core.state.control_out) == [control.port_open(1, False)]
+    port.host_attach()
+    assert list(g.core.state.control_out) == [control.port_open(1, True)]
+    assert g.core.state.counters.control_overflow == 0
+    assert g.control == [control.port_open(1, True)]  # what the guest reads on resume
+    # Once the guest took it, the next change is a message of its own.
+    port.host_detach()
+    port.host_attach()
+    port.host_detach()
+    assert list(g.core.state.control_out) == [control.port_open(1, False)]
+
+
+def test_a_collapsed_port_open_keeps_its_place_among_the_ports_messages() -> None:
+    port, _, g = make(name="p")
+    g.reads_control = False
+    port.host_attach()
+    g.set_up()  # the announcement: PORT_NAME, then PORT_OPEN(1)
+    other = control.port_open(2, True)
+    g.core.state.control_out.append(other)  # a message of another port after them
+    port.host_detach()
+    assert list(g.core.state.control_out) == [
+        control.port_name(1, "p"), control.port_open(1, False), other
+    ]
+
+
 def test_guest_events_send_no_control() -> None:
     _, _, g = make(ready=True)
     g.apply(Input.GUEST_OPEN)
@@ -600,19 +633,21 @@ async def test_echo_backend_bounded() -> None:
         assert g.control == [control.port_open(1, True)]
         g.apply(Input.GUEST_OPEN)
         assert g.write_chain(b"a" * 10)
-        assert g.write_chain(b"b" * 10)  # 6 bytes fit; the backend holds the other 4
-        assert port.staged == LIMIT
-        assert not g.write_chain(b"c" * 10)  # one held write at most: the guest waits
-        assert port.counters.bytes_from_guest == 20
-        assert drain(g) == b"a" * 10 + b"b" * 6
+        # 6 bytes of room: the write waits whole (no part of it is held only in the process,
+        # where a crash would lose it).
+        assert not g.write_chain(b"b" * 10)
+        assert port.staged == 10
+        assert port.counters.bytes_from_guest == 10
+        assert drain(g) == b"a" * 10
         await trio.testing.wait_all_tasks_blocked()
-        assert drain(g) == b"b" * 4
+        assert g.write_chain(b"b" * 10)
+        assert drain(g) == b"b" * 10
         assert g.write_chain(b"c" * 10)
         assert drain(g) == b"c" * 10
         nursery.cancel_scope.cancel()
 
 
-async def test_echo_backend_resumes_only_when_its_held_bytes_are_sent() -> None:
+async def test_echo_backend_resumes_only_when_the_refused_write_fits() -> None:
     port, _, g = make(backend=EchoBackend(), ready=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(port.backend.run)
@@ -620,13 +655,15 @@ async def test_echo_backend_resumes_only_when_its_held_bytes_are_sent() -> None:
         g.apply(Input.GUEST_OPEN)
         before = g.pokes["tx"]
         assert g.write_chain(b"a" * 10)
-        assert g.write_chain(b"b" * 10)
-        assert not g.write_chain(b"c" * 10)
+        assert not g.write_chain(b"b" * 10)
         await trio.testing.wait_all_tasks_blocked()
-        assert g.pokes["tx"] == before  # the 4 held bytes cannot be staged yet
-        drain(g)
+        assert g.pokes["tx"] == before  # 6 bytes of room, 10 needed
+        g.read(3)
         await trio.testing.wait_all_tasks_blocked()
-        assert g.pokes["tx"] == before + 1
+        assert g.pokes["tx"] == before  # 9: still not
+        g.read(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert g.pokes["tx"] == before + 1  # 10: the guest may write again
         nursery.cancel_scope.cancel()
 
 

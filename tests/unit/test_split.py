@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import virtqueue.split as split_module
+from vhostser.testing import sealed_memfd
 from virtqueue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -301,9 +302,8 @@ def test_full_ring_is_not_an_error() -> None:
 
 def test_release_lets_mapped_memory_unmap() -> None:
     mem = MappedMemory()
-    fd = os.memfd_create("vq-release-test")
+    fd = sealed_memfd("vq-release-test", 0x10000)
     try:
-        os.ftruncate(fd, 0x10000)
         mem.add(Region(0, 0x10000, 0x7000_0000, 0), fd)
     finally:
         os.close(fd)

@@ -20,8 +20,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from vhostser.testing import sealed_memfd
 from vhostser.vhost_user import messages as m
 from vhostser.vhost_user.backend import (
+    MAX_MEM_SLOTS,
     PROTOCOL_FEATURES,
     STATUS_NEEDS_RESET,
     Outcome,
@@ -206,8 +208,7 @@ class Guest:
 
     def __init__(self, regions: Sequence[Region]) -> None:
         self.regions = tuple(regions)
-        self.memfd = os.memfd_create("vhostser-test-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.memfd, max(r.mmap_offset + r.size for r in regions))
+        self.memfd = sealed_memfd("vhostser-test-ram", max(r.mmap_offset + r.size for r in regions))
         self.mem = MappedMemory()
         for r in self.regions:
             self.mem.add(r, self.memfd)
@@ -291,7 +292,9 @@ class Rig:
         regions = self.guest.regions if regions is None else regions
         fds = [self.guest.fd() for _ in regions]
         self.ok(Request.SET_MEM_TABLE, MemoryTable(tuple(regions)), fds)
-        assert_closed(*fds)
+        # Kept open, not only mapped: a successor maps them again from the fd store.
+        assert sorted(fd for _, fd in self.backend.region_fds.values()) == sorted(fds)
+        assert_open(*fds)
         return fds
 
     def addr(self, index: int, size: int) -> VringAddr:
@@ -395,9 +398,10 @@ def test_qemu_11_1_sequence(make_rig: Callable[..., Rig]) -> None:
 
     offered = VERSION_1 | MULTIPORT | F_PROTOCOL_FEATURES
     assert reply(rig.send(Request.GET_FEATURES), Request.GET_FEATURES, U64) == U64(offered)
-    assert PROTOCOL_FEATURES == QEMU_PROTOCOL_FEATURES
+    # What QEMU 11.1's vhost-user-test-device acks, and DEVICE_STATE, which it does not.
+    assert PROTOCOL_FEATURES == QEMU_PROTOCOL_FEATURES | m.ProtocolFeature.DEVICE_STATE
     got = reply(rig.send(Request.GET_PROTOCOL_FEATURES), Request.GET_PROTOCOL_FEATURES, U64)
-    assert got == U64(0x1A229)
+    assert got == U64(0x9A229)
     plain(Request.SET_PROTOCOL_FEATURES, U64(0x1A229))
     assert reply(rig.send(Request.GET_QUEUE_NUM), Request.GET_QUEUE_NUM, U64) == U64(6)
     slots = reply(rig.send(Request.GET_MAX_MEM_SLOTS), Request.GET_MAX_MEM_SLOTS, U64)
@@ -430,7 +434,7 @@ def test_qemu_11_1_sequence(make_rig: Callable[..., Rig]) -> None:
 
         memfd = guest.fd()
         rig.ok(Request.ADD_MEM_REG, SingleMemoryRegion(RAM), [memfd])
-        assert_closed(memfd)
+        assert b.region_fds[RAM][1] == memfd  # kept for the fd store
         assert b.memory is not None and b.memory.regions == (RAM,)
 
         kicks: dict[int, EventFd] = {}
@@ -498,8 +502,10 @@ def test_qemu_11_1_sequence(make_rig: Callable[..., Rig]) -> None:
         # The connection ends: everything that belonged to it is closed.
         fds = [fd for v in b.vrings for fd in (v.kick_fd, v.call_fd, v.err_fd) if fd is not None]
         assert len(fds) == 12  # call and err of every ring
+        fds.append(memfd)
         b.disconnected()
         assert_closed(*fds)
+        assert b.region_fds == {}
         assert_peer_closed(ours)  # the back-end channel is closed too
         assert b.backend_req_fd is None and b.memory is None
     assert dev.take() == []
@@ -724,18 +730,20 @@ def test_add_and_remove_regions(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig("low+ram")
     rig.negotiate()
     low, ram = LAYOUTS["low+ram"]
+    kept = {}
     for region in (low, ram):
-        fd = rig.guest.fd()
+        fd = kept[region] = rig.guest.fd()
         rig.ok(Request.ADD_MEM_REG, SingleMemoryRegion(region), [fd])
-        assert_closed(fd)
+        assert rig.backend.region_fds[region][1] == fd  # kept for the fd store
     assert rig.backend.memory is not None and rig.backend.memory.regions == (low, ram)
     rig.start_ring(0)
     rig.transfer(0, 2)
     # Older QEMUs attach the region's fd to REM_MEM_REG; it is closed.
     fd = rig.guest.fd()
     rig.ok(Request.REM_MEM_REG, SingleMemoryRegion(low), [fd])
-    assert_closed(fd)
+    assert_closed(fd, kept[low])  # the removed region's own fd goes too
     assert rig.backend.memory.regions == (ram,)
+    assert list(rig.backend.region_fds) == [ram]
     # Rings hold views into the mappings, so they stop around the change and resume.
     assert rig.device.take() == [("stopped", 0, 2), ("started", 0, 2)]
     rig.transfer(0, 2)
@@ -1050,6 +1058,28 @@ def resize_started_ring(rig: Rig) -> tuple[m.Payload | bytes, list[int]]:
     return VringState(1, 32), []
 
 
+def dead_pipe() -> int:
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+def unix_stream() -> int:
+    a, b = socket.socketpair()
+    b.close()
+    return a.detach()
+
+
+def unsealed_memfd(size: int = RAM_SIZE) -> int:
+    fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def kept_fds(*attrs: str) -> Callable[[Rig], Any]:
+    return lambda rig: [getattr(v, a) for v in rig.backend.vrings for a in attrs]
+
+
 BAD: dict[str, Bad] = {
     "mem table with fewer fds than regions": Bad(
         Request.SET_MEM_TABLE,
@@ -1160,6 +1190,48 @@ BAD: dict[str, Bad] = {
         no_fds(SingleMemoryRegion(LOW)),
         unchanged=lambda rig: rig.backend.memory.regions,
     ),
+    # fds of the wrong kind: refused at receipt, before anything polls or reads them
+    "kick fd a memfd": Bad(
+        Request.SET_VRING_KICK,
+        lambda rig: (VringFile(0, False), [rig.guest.fd()]),
+        unchanged=kept_fds("kick_fd"),
+    ),
+    "call fd a dead pipe": Bad(
+        Request.SET_VRING_CALL,
+        lambda rig: (VringFile(1, False), [dead_pipe()]),
+        unchanged=kept_fds("call_fd"),
+    ),
+    "err fd a socket": Bad(
+        Request.SET_VRING_ERR,
+        lambda rig: (VringFile(1, False), [unix_stream()]),
+        unchanged=kept_fds("err_fd"),
+    ),
+    "backend channel an eventfd": Bad(
+        Request.SET_BACKEND_REQ_FD,
+        lambda rig: (b"", [rig.eventfd().give()]),
+        unchanged=lambda rig: rig.backend.backend_req_fd,
+    ),
+    "backend channel a datagram socket": Bad(
+        Request.SET_BACKEND_REQ_FD,
+        lambda rig: (b"", [socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach()]),
+        unchanged=lambda rig: rig.backend.backend_req_fd,
+    ),
+    "region fd an eventfd": Bad(
+        Request.ADD_MEM_REG,
+        lambda rig: (SingleMemoryRegion(LOW), [rig.eventfd().give()]),
+        unchanged=lambda rig: rig.backend.memory.regions,
+    ),
+    "mem table fd a dead pipe": Bad(
+        Request.SET_MEM_TABLE,
+        lambda rig: (MemoryTable((RAM,)), [dead_pipe()]),
+        unchanged=lambda rig: rig.backend.memory,
+    ),
+    "region of an unsealed memfd": Bad(
+        Request.ADD_MEM_REG,
+        lambda rig: (SingleMemoryRegion(Region(0, 0x1_0000, UVA + 0x1000_0000, 0)),
+                     [unsealed_memfd()]),
+        unchanged=lambda rig: rig.backend.memory.regions,
+    ),
 }
 MODES = {
     # REPLY_ACK negotiated and NEED_REPLY set: a failure ack.
@@ -1232,3 +1304,102 @@ def test_acks_need_reply_ack_negotiated(make_rig: Callable[..., Rig]) -> None:
         ack(rig.send(Request.SET_VRING_NUM, VringState(0, 8), (), NEED), Request.SET_VRING_NUM) == 0
     )
     assert rig.send(Request.SET_VRING_NUM, VringState(0, 8)) == Outcome()
+
+
+# --------------------------------------------------------------------------- fds from outside
+
+
+def test_a_wrong_fd_kind_is_named_with_its_vring_and_counted(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.start_ring(1)
+    running = rig.backend.vrings[1].kick_fd
+    pipe = dead_pipe()
+    assert ack(rig.send(Request.SET_VRING_KICK, VringFile(1, False), [pipe], NEED),
+               Request.SET_VRING_KICK) == 1
+    assert_closed(pipe)
+    assert warnings_naming(caplog, "SET_VRING_KICK") == [
+        "SET_VRING_KICK: rejected: vring 1: the fd is a pipe, not an eventfd"]
+    # The ring runs on as it was, on its old kick fd.
+    assert rig.backend.vrings[1].kick_fd == running and rig.device.take() == []
+    rig.transfer(1, 2)
+    memory = rig.backend.memory
+    fds = [rig.guest.fd(), rig.eventfd().give()]
+    out = rig.send(Request.SET_MEM_TABLE, MemoryTable((LOW, RAM)), fds, NEED)
+    assert ack(out, Request.SET_MEM_TABLE) == 1
+    assert_closed(*fds)
+    assert warnings_naming(caplog, "SET_MEM_TABLE") == [
+        "SET_MEM_TABLE: rejected: fd 2 of 2: the fd is an eventfd, not a regular file "
+        "(memfd, hugetlbfs, tmpfs)"]
+    assert rig.backend.memory is memory
+    assert rig.backend.stats()["bad_fds"] == {"SET_VRING_KICK": 1, "SET_MEM_TABLE": 1}
+    assert rig.backend.stats()["rejected"] == {"SET_VRING_KICK": 1, "SET_MEM_TABLE": 1}
+
+
+def test_fds_that_are_read_or_written_are_made_non_blocking(rig: Rig) -> None:
+    # QEMU's are non-blocking already; a blocking one would let the front end stall the
+    # event loop by draining it after epoll woke us, or by leaving it at its maximum.
+    blocking = [os.eventfd(0) for _ in range(3)]
+    ours, theirs = socket.socketpair()
+    with ours:
+        kept = [os.dup(fd) for fd in blocking]
+        kept.append(os.dup(theirs.fileno()))
+        for request, fd in zip((Request.SET_VRING_KICK, Request.SET_VRING_CALL,
+                                Request.SET_VRING_ERR), blocking, strict=True):
+            rig.ok(request, VringFile(2, False), [fd])
+        rig.ok(Request.SET_BACKEND_REQ_FD, b"", [theirs.detach()])
+        try:
+            assert [os.get_blocking(fd) for fd in kept] == [False] * 4
+        finally:
+            for fd in kept:
+                os.close(fd)
+
+
+def test_a_full_eventfd_is_counted_never_waited_on(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = os.eventfd(0)  # blocking, as the front end may hand it over
+    mine = os.dup(call)
+    try:
+        rig.ok(Request.SET_VRING_CALL, VringFile(0, False), [call])
+        os.eventfd_write(mine, 0xFFFF_FFFF_FFFF_FFFE)  # the maximum count
+        vring = rig.backend.vrings[0]
+        for _ in range(3):
+            vring.notify()  # would block in write(2) forever if the fd were blocking
+        assert rig.backend.stats()["eventfd_failures"] == {"0": {"call": 3}}
+        assert len(warnings_naming(caplog, "call eventfd write failed")) == 1
+        # A new call fd: its first failure is logged again.
+        fresh = rig.eventfd()
+        rig.ok(Request.SET_VRING_CALL, VringFile(0, False), [fresh.give()])
+        os.eventfd_write(fresh.fd, 0xFFFF_FFFF_FFFF_FFFE)
+        vring.notify()
+        assert len(warnings_naming(caplog, "call eventfd write failed")) == 2
+        assert rig.backend.stats()["eventfd_failures"] == {"0": {"call": 4}}
+    finally:
+        os.close(mine)
+
+
+def test_memory_slots_are_bounded_by_get_max_mem_slots(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig()
+    rig.negotiate()
+    slots = reply(rig.send(Request.GET_MAX_MEM_SLOTS), Request.GET_MAX_MEM_SLOTS, U64).value
+    assert slots == MAX_MEM_SLOTS == 509
+    page = 4096
+    regions = [Region(0x1000_0000 + i * page, page, UVA + 0x1000_0000 + i * page, 0)
+               for i in range(slots + 1)]
+    for region in regions[:slots]:
+        rig.ok(Request.ADD_MEM_REG, SingleMemoryRegion(region), [rig.guest.fd()])
+    assert rig.backend.memory is not None and len(rig.backend.memory.regions) == slots
+    fd = rig.guest.fd()
+    out = rig.send(Request.ADD_MEM_REG, SingleMemoryRegion(regions[slots]), [fd], NEED)
+    assert ack(out, Request.ADD_MEM_REG) == 1
+    assert_closed(fd)
+    (line,) = warnings_naming(caplog, "ADD_MEM_REG")
+    assert f"0x{regions[slots].guest_phys_addr:x}" in line and "all 509 memory slots" in line
+    assert len(rig.backend.memory.regions) == slots
+    # A slot freed is a slot to use again.
+    rig.ok(Request.REM_MEM_REG, SingleMemoryRegion(regions[0]))
+    rig.ok(Request.ADD_MEM_REG, SingleMemoryRegion(regions[slots]), [rig.guest.fd()])
+    assert len(rig.backend.memory.regions) == slots

@@ -16,7 +16,9 @@ the guest's current session (if none is open the port drops and counts them).
 
 A console never pushes back on the guest: a reader whose queue is full is disconnected
 (counted), and the guest's output is always taken. The backend counts as an attached host
-peer (H=1) from the start: the log is always there. A reader that shuts down its sending side
+peer (H=1) from the start: the log is always there. A socket path that cannot be listened on
+(taken by another file...) is retried with backoff (0.1 s doubling to 5 s), counted in
+`listen_failures` and logged once per streak. A reader that shuts down its sending side
 stays a reader (and gives up being the writer).
 """
 
@@ -33,7 +35,7 @@ from ..console.port import Counters
 from ..options import Options
 from .file import FileSink
 from .options import ConfigurableBackend
-from .peers import READ_CHUNK, Peer
+from .peers import READ_CHUNK, Peer, listen_retrying
 from .unix import UnixEndpoint
 
 log = logging.getLogger("vhostser.backends")
@@ -49,6 +51,7 @@ class ConsoleCounters(Counters):
     readers_accepted: int = 0
     readers_refused: int = 0  # over max_readers
     readers_dropped_slow: int = 0  # queue full: disconnected
+    listen_failures: int = 0  # the readers' socket could not be made (retried)
     writers: int = 0  # readers that became the writer
     input_dropped: int = 0  # bytes from readers that are not the writer
     bytes_to_guest: int = 0  # bytes from the writer handed to the port
@@ -133,6 +136,9 @@ class ConsoleBackend(ConfigurableBackend):
         if self.sink is not None:
             self.sink.reopen()
 
+    def problems(self) -> list[str]:
+        return [] if self.sink is None else self.sink.problems()
+
     # ------------------------------------------------------------------ tasks
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -144,7 +150,7 @@ class ConsoleBackend(ConfigurableBackend):
             if self.endpoint is None:
                 task_status.started(None)
                 await trio.sleep_forever()
-            listener = await self.endpoint.listen()
+            listener = await listen_retrying(self.endpoint, self._label(), self._listen_failed)
             try:
                 with listener:
                     log.info("%s: console readers on %s", self._label(), self.endpoint.path)
@@ -156,6 +162,9 @@ class ConsoleBackend(ConfigurableBackend):
         finally:
             if self.sink is not None:
                 self.sink.close()
+
+    def _listen_failed(self) -> None:
+        self.counters.listen_failures += 1
 
     async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
@@ -200,7 +209,7 @@ class ConsoleBackend(ConfigurableBackend):
 
     async def _write_side(self, reader: Peer, cancel: trio.CancelScope) -> None:
         try:
-            await reader.write_loop(lambda: None)  # returns only when closing: never here
+            await reader.write_loop(lambda n: None)  # returns only when closing: never here
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.info("%s: console reader %s: %s", self._label(), reader.label, e)
         cancel.cancel()

@@ -11,6 +11,14 @@ on SIGHUP, after logrotate renamed the file) opens the path anew and only then c
 old file; every write is complete before it returns, so no byte is lost or split between the
 two files.
 
+Only a regular file is written: the open is non-blocking and never makes a tty the daemon's
+controlling terminal, and anything else found at the path (a FIFO, whose open would wait for
+a reader and whose writes block; a device; a socket) is refused with a log line. A refused
+reopen keeps the old file; with no file open, the guest's bytes are dropped, counted in
+`bytes_lost` and logged (the open is retried every second, its failure logged once per
+streak). `problems()` tells `vhostser check` what it can see in advance: a missing directory,
+a path that is not a regular file.
+
 `attach`: whether the backend attaches a host peer (H=1). A Linux guest blocks writes to a
 (non-console) port while the host side is closed (virtio_console.c, will_write_block), so a
 log of a data port must attach or it receives nothing; on a console port (hvc) H does not
@@ -20,8 +28,10 @@ unless the port is a console port. Host→guest: nothing; the guest reads nothin
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -95,16 +105,51 @@ class FileSink:
         self._truncate = truncate
         self._fd = -1
         self._next_open = 0.0
+        self._failing_since: int | None = None  # bytes_lost when opening began to fail
 
     @property
     def is_open(self) -> bool:
         return self._fd >= 0
 
     def _open_fd(self, truncate: bool) -> int:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        """The path opened for appending, if it is a regular file; else OSError."""
+        # O_NONBLOCK: a FIFO at the path fails with ENXIO instead of waiting for a reader
+        # (regular files ignore the flag). O_NOCTTY: a tty there never becomes ours.
+        flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+                 | os.O_NOCTTY)
         if truncate:
             flags |= os.O_TRUNC
-        return os.open(self.path, flags, FILE_MODE)
+        try:
+            fd = os.open(self.path, flags, FILE_MODE)
+        except OSError as e:
+            if e.errno == errno.ENXIO and (kind := self._kind()):  # a FIFO nobody reads
+                raise OSError(e.errno, f"it is {kind}, not a regular file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            kind = self._kind() or "something else"
+            raise OSError(errno.EINVAL, f"it is {kind}, not a regular file")
+        return fd
+
+    def _kind(self) -> str | None:
+        """What is at the path, if something other than a regular file (for messages)."""
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError:
+            return None
+        if stat.S_ISREG(mode):
+            return None
+        return ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+
+    def problems(self) -> list[str]:
+        """What would make this sink drop the guest's bytes, as far as can be seen now."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            return [f"{self.path}: directory {directory} does not exist: the guest's output "
+                    "will be dropped (counted) until it does"]
+        kind = self._kind()
+        return [f"{self.path} is {kind}, not a regular file: it will be refused"] if kind else []
 
     def open(self) -> bool:
         """Open the file if it is not open; False (logged, counted) if it cannot be."""
@@ -118,10 +163,21 @@ class FileSink:
         except OSError as e:
             self.counters.open_errors += 1
             self._next_open = now + self.RETRY_OPEN
-            log.error("%s: cannot open %s: %s", self.label, self.path, e)
+            if self._failing_since is None:
+                self._failing_since = self.counters.bytes_lost
+                log.error("%s: cannot open %s: %s (retrying every %.0f s; the guest's bytes "
+                          "are dropped and counted meanwhile)", self.label, self.path,
+                          e.strerror or e, self.RETRY_OPEN)
             return False
+        self._opened()
         self._truncate = False  # only the first open of a backend truncates
         return True
+
+    def _opened(self) -> None:
+        if self._failing_since is not None:
+            log.info("%s: opened %s; %d bytes were dropped while it would not open",
+                     self.label, self.path, self.counters.bytes_lost - self._failing_since)
+            self._failing_since = None
 
     def write(self, data: bytes) -> None:
         if self.stamper is not None:
@@ -154,14 +210,16 @@ class FileSink:
             fd = self._open_fd(False)
         except OSError as e:
             self.counters.open_errors += 1
-            log.error("%s: reopen of %s failed, writing on to the old file: %s",
-                      self.label, self.path, e)
+            log.error("%s: reopen of %s failed, %s: %s", self.label, self.path,
+                      "writing on to the old file" if self._fd >= 0 else "still no file",
+                      e.strerror or e)
             return
         old, self._fd = self._fd, fd
         if old >= 0:
             os.close(old)
         self.counters.reopens += 1
         log.info("%s: reopened %s", self.label, self.path)
+        self._opened()
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -214,6 +272,9 @@ class FileBackend(ConfigurableBackend):
     def reopen(self) -> None:
         """After log rotation (SIGHUP)."""
         self.sink.reopen()
+
+    def problems(self) -> list[str]:
+        return self.sink.problems()
 
     def should_attach(self) -> bool:
         return (not self.port.config.console) if self.attach == "auto" else bool(self.attach)

@@ -28,6 +28,19 @@ Flow control, both ways bounded (the token model of seeds/002):
 - peers → guest: bytes go through `port.send` and the reader waits for room, so while the
   port's staging buffer is full the socket is not read and the peer is pushed back.
 
+An exact ledger: every byte queued for a peer is sent (`bytes_sent`: what its socket took) or
+dropped and counted by reason (`bytes_dropped_unsent`, one log line per peer): peer-gone (it
+hung up or failed before taking them), drop-peer, close-timeout (it did not take a closed
+session's last bytes within CLOSE_TIMEOUT), malformed-frame, stopped (the backend was: the
+port removed, the daemon stopping). So with one peer, the guest bytes the port handed the
+backend = bytes_sent + the dropped + what is still queued (framed mode counts frames,
+headers included). Bytes read from a peer that never reach the port are
+`peer_bytes_dropped`.
+
+A peer that hung up does not hold a place under `max_peers` while its hang-up waits to be
+read: a connection arriving then waits (up to HANGUP_WAIT) for it to leave instead of being
+refused, so a client may reconnect at once after closing.
+
 Changes of H that follow from port callbacks (`session_opened` / `session_closed`) are not
 made inside the callback (the port is in the middle of a transition): they go through a
 small reconciler task that compares "do we have a live peer" with the port's H. In state E
@@ -40,8 +53,9 @@ from __future__ import annotations
 
 import logging
 import math
+import select
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Self, cast
 
 import trio
@@ -65,7 +79,10 @@ CLOSE_TIMEOUT = 5.0  # a peer closed at a session end gets this long to take its
 CONNECT_TIMEOUT = 10.0
 SLOW_PEER_GRACE = 0.5  # drop-peer: a peer whose queue stays full this long is dropped
 STABLE_AFTER = 1.0  # a client connection that lived this long resets the reconnect backoff
+HANGUP_WAIT = 1.0  # a new connection waits this long for a peer that hung up to leave
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+
+TOO_SLOW, MALFORMED = "too slow", "malformed frame"  # why we cut a peer off (Peer.dropped)
 
 PEER_OPTION_KEYS = frozenset({"role", "mode", "max_peers", "slow_peer", "peer_queue"})
 
@@ -92,6 +109,30 @@ class Endpoint(Protocol):
     async def connect(self) -> trio.socket.SocketType: ...
 
     def cleanup(self) -> None: ...
+
+
+async def listen_retrying(
+    endpoint: Endpoint, where: str, on_failure: Callable[[], None]
+) -> trio.socket.SocketType:
+    """`endpoint.listen()`, retried with backoff until it works (the path is taken, the
+    address in use...): each failure counted (`on_failure`), logged once per streak."""
+    delays = backoff_delays()
+    failures = 0
+    while True:
+        try:
+            listener = await endpoint.listen()
+        except OSError as e:
+            on_failure()
+            failures += 1
+            delay = next(delays)
+            log.log(logging.DEBUG if failures > 1 else logging.ERROR,
+                    "%s: cannot listen: %s (retrying in %.1f s, backing off to %.0f s)",
+                    where, e, delay, BACKOFF_MAX)
+            await trio.sleep(delay)
+            continue
+        if failures:
+            log.info("%s: listening after %d failed attempts", where, failures)
+        return listener
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +171,14 @@ class PeerCounters(Counters):
     connects: int = 0  # connections made (client)
     connect_failures: int = 0
     bytes_to_peers: int = 0  # guest bytes queued towards peers (each byte once)
+    bytes_sent: int = 0  # bytes the peers' sockets took (each peer's copy)
+    # Bytes queued for (or, drop-peer, taken for) a peer and never sent, by reason: see the
+    # module doc.
+    bytes_dropped_unsent: dict[str, int] = field(default_factory=dict)
     bytes_from_peers: int = 0  # payload bytes read from peers
-    bytes_unsent: int = 0  # guest bytes taken when every peer had just been dropped
+    # Read from a peer, never handed to the port: a session-mode peer that left before its
+    # session opened, or one cut off while its bytes waited for room.
+    peer_bytes_dropped: int = 0
     # Peer bytes for a session that is over: read from a peer closed at its session's end, or
     # carried by stale DATA frames. (Bytes whose session ended while they waited for room in
     # the port's staging buffer are the port's: port.counters.discarded["stale"].)
@@ -192,8 +239,15 @@ class Peer:
     def close_socket(self) -> None:
         self.stream.socket.close()
 
-    async def write_loop(self, on_drained: Callable[[], None]) -> None:
-        """Drain the queue into the socket; when closing, flush and send EOF, then return."""
+    def hung_up(self) -> bool:
+        """The peer shut down its sending side or closed; the reader may not have seen it yet."""
+        poller = select.poll()
+        poller.register(self.stream.socket.fileno(), select.POLLRDHUP)
+        return bool(poller.poll(0))
+
+    async def write_loop(self, on_sent: Callable[[int], None]) -> None:
+        """Drain the queue into the socket (`on_sent(n)` after each write: n bytes are the
+        socket's now); when closing, flush and send EOF, then return."""
         while True:
             if not self.out:
                 if self.closing:
@@ -201,10 +255,10 @@ class Peer:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            chunk = bytes(self.out[:WRITE_CHUNK])
-            await self.stream.send_all(chunk)
-            del self.out[: len(chunk)]
-            on_drained()
+            # One send at a time, not send_all: what a failing socket took is known exactly.
+            n = await self.stream.socket.send(bytes(self.out[:WRITE_CHUNK]))
+            del self.out[:n]
+            on_sent(n)
         await self.stream.send_eof()
 
 
@@ -227,6 +281,7 @@ class PeerBackend(ConfigurableBackend):
         self._serial = 0
         self._nursery: trio.Nursery | None = None
         self._timer: float | None = None  # when a pending _wake_at fires
+        self._departed = trio.Event()  # set (and replaced) whenever a peer leaves
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
@@ -293,7 +348,7 @@ class PeerBackend(ConfigurableBackend):
                     p.push(payload)
                     took += 1
             if not took:
-                self.counters.bytes_unsent += len(data)
+                self._count_unsent(len(data), "drop-peer", "every peer")
                 return True
         self.counters.bytes_to_peers += len(data)
         return True
@@ -379,11 +434,24 @@ class PeerBackend(ConfigurableBackend):
             self._timer = None
         self.port.resume_guest_data()
 
+    def _count_unsent(self, n: int, reason: str, whom: str) -> None:
+        dropped = self.counters.bytes_dropped_unsent
+        dropped[reason] = dropped.get(reason, 0) + n
+        log.warning("%s: %d bytes for %s dropped unsent (%s; %d so far)", self._where, n, whom,
+                    reason, sum(dropped.values()))
+
+    def _listen_failed(self) -> None:
+        self.counters.listen_failures += 1
+
+    def _sent(self, n: int) -> None:
+        self.counters.bytes_sent += n
+        self._maybe_resume()
+
     def _drop_slow(self, peer: Peer) -> None:
         self.counters.peers_dropped_slow += 1
         log.warning("%s: peer %s too slow (%d bytes queued, peer_queue %d): disconnecting it",
                     self._where, peer.label, len(peer.out), peer.limit)
-        peer.kill("too slow")
+        peer.kill(TOO_SLOW)
 
     # ------------------------------------------------------------------ tasks
 
@@ -414,16 +482,7 @@ class PeerBackend(ConfigurableBackend):
             self._maybe_resume()
 
     async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Any]) -> None:
-        delays = backoff_delays()
-        while True:
-            try:
-                listener = await self.endpoint.listen()
-                break
-            except OSError as e:
-                self.counters.listen_failures += 1
-                delay = next(delays)
-                log.error("%s: cannot listen: %s (retrying in %.1f s)", self._where, e, delay)
-                await trio.sleep(delay)
+        listener = await listen_retrying(self.endpoint, self._where, self._listen_failed)
         with listener:
             self.address = listener.getsockname()
             log.info("%s: listening (%s mode, up to %d peer(s))",
@@ -437,6 +496,12 @@ class PeerBackend(ConfigurableBackend):
                     await trio.sleep(0.1)
                     continue
                 if len(self._live()) >= self.opts.max_peers:
+                    try:
+                        await self._let_hung_up_peers_leave()
+                    except BaseException:  # cancelled: the backend stops
+                        sock.close()
+                        raise
+                if len(self._live()) >= self.opts.max_peers:
                     self.counters.peers_refused += 1
                     log.warning("%s: connection refused: max_peers %d reached",
                                 self._where, self.opts.max_peers)
@@ -444,6 +509,14 @@ class PeerBackend(ConfigurableBackend):
                     continue
                 self.counters.peers_accepted += 1
                 nursery.start_soon(self._run_peer, self._arrive(sock))
+
+    async def _let_hung_up_peers_leave(self) -> None:
+        """Wait (up to HANGUP_WAIT) for the live peers that already hung up to leave: their
+        readers have their last bytes and the hang-up to take first."""
+        leaving = [p for p in self._live() if p.hung_up()]
+        with trio.move_on_after(HANGUP_WAIT):
+            while any(p.live and p in self.peers for p in leaving):
+                await self._departed.wait()
 
     async def _connect_loop(self) -> None:
         delays = backoff_delays()
@@ -492,6 +565,8 @@ class PeerBackend(ConfigurableBackend):
 
     def _depart(self, peer: Peer) -> None:
         self.peers.remove(peer)
+        self._departed.set()
+        self._departed = trio.Event()
         why = peer.dropped or ("closed at its session's end" if peer.closing else "gone")
         log.info("%s: peer %s disconnected (%s)", self._where, peer.label, why)
         if trio.current_effective_deadline() == -math.inf:
@@ -524,11 +599,33 @@ class PeerBackend(ConfigurableBackend):
                     nursery.cancel_scope.cancel()
         finally:
             peer.close_socket()
+            self._count_lost(peer, stopping=trio.current_effective_deadline() == -math.inf)
             self._depart(peer)
+
+    def _count_lost(self, peer: Peer, *, stopping: bool) -> None:
+        """What a departing peer leaves behind, both ways (see the module doc)."""
+        if peer.out:
+            if peer.dropped == TOO_SLOW:
+                reason = "drop-peer"
+            elif peer.dropped is not None:
+                reason = "malformed-frame"
+            elif stopping:
+                reason = "stopped"
+            elif peer.closing and peer.scope.cancelled_caught:
+                reason = "close-timeout"
+            else:
+                reason = "peer-gone"
+            self._count_unsent(len(peer.out), reason, f"peer {peer.label}")
+            peer.out.clear()
+        if peer.early:
+            self.counters.peer_bytes_dropped += len(peer.early)
+            log.info("%s: peer %s left before its session opened: %d bytes it sent dropped",
+                     self._where, peer.label, len(peer.early))
+            peer.early.clear()
 
     async def _write_side(self, peer: Peer, cancel: trio.CancelScope) -> None:
         try:
-            await peer.write_loop(self._maybe_resume)
+            await peer.write_loop(self._sent)
         except _CONN_ERRORS as e:
             log.info("%s: peer %s: %s", self._where, peer.label, e)
             cancel.cancel()
@@ -567,7 +664,7 @@ class PeerBackend(ConfigurableBackend):
                 continue
             if peer.early:
                 early, peer.early = bytes(peer.early), bytearray()
-                await self.port.send_all(early, peer.session)
+                await self._deliver(peer, early, peer.session)
                 continue
             data = await self._receive(peer)
             if not data:
@@ -578,7 +675,22 @@ class PeerBackend(ConfigurableBackend):
             # Only ever into the session the bytes were read in (the port drops the rest of
             # them, counted stale, if that session ends while we wait for room).
             session = peer.session if session_mode else self.port.session
-            await self.port.send_all(data, session)
+            await self._deliver(peer, data, session)
+
+    async def _deliver(self, peer: Peer, data: bytes, session: Session | None) -> None:
+        """`port.send_all(data, session)`, counting what is left if the peer is cut off while
+        the bytes wait for room."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.port.send(view, session) :]
+                if view:
+                    await self.port.wait_writable()
+        finally:
+            if view:
+                self.counters.peer_bytes_dropped += len(view)
+                log.info("%s: peer %s cut off: %d bytes it sent dropped", self._where,
+                         peer.label, len(view))
 
     async def _read_framed(self, peer: Peer) -> None:
         while True:
@@ -598,7 +710,7 @@ class PeerBackend(ConfigurableBackend):
                 self.counters.peers_malformed += 1
                 log.warning("%s: peer %s sent a malformed frame, disconnecting it: %s",
                             self._where, peer.label, e)
-                peer.dropped = "malformed frame"
+                peer.dropped = MALFORMED
                 return
 
     async def _peer_frame(self, peer: Peer, frame: Open | Data | Close) -> None:
@@ -612,7 +724,7 @@ class PeerBackend(ConfigurableBackend):
                          self._where, peer.label, len(frame.data), frame.session,
                          current.id if current else "none")
                 return
-            await self.port.send_all(frame.data, current)
+            await self._deliver(peer, frame.data, current)
         elif isinstance(frame, Close):
             if current is None or current.id != frame.session:
                 self.counters.stale_frames += 1

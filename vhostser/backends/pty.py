@@ -12,6 +12,15 @@ reports EIO or hang-up while nobody is connected) and puts it in raw mode: bytes
 unchanged both ways, no echo. The slave's path is logged and kept in `path`. While nobody
 reads the slave, guest output fills the tty's buffer and then `queue`, after which the
 guest's writes block (a console port drops instead: consoles never hold the guest).
+
+A hang-up of the slave (`vhangup()`, as getty and login do) resets its termios to the
+defaults, ECHO and ICANON included: the guest's output would come back to it as echo. The
+hang-up also makes our own slave fd dead, which is how it is noticed at once (an epoll set
+watching only that fd's hang-up, so no traffic wakes it): the raw settings are put back
+through the master (on Linux a pty master's termios calls act on the slave side), before
+the slave is reopened, so that input still waiting is never processed in cooked mode, and
+once more after (the reopen waits for the hang-up to finish, the reset included). Counted in
+`hangups`, logged. A program that changes the slave's modes itself later keeps them.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import stat
+import termios
 import tty
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +52,7 @@ DEFAULT_QUEUE = 64 * 1024
 class PtyCounters(Counters):
     bytes_to_pty: int = 0
     bytes_from_pty: int = 0
+    hangups: int = 0  # the slave was hung up (vhangup): raw mode restored
 
 
 def make_symlink(target: str, link: str) -> None:
@@ -79,6 +91,8 @@ class PtyBackend(ConfigurableBackend):
         self.path: str | None = None  # the slave device, once open
         self.counters = PtyCounters()
         self._master = -1
+        self._slave = -1  # ours: keeps the master alive, and tells of a hang-up
+        self._raw: list[Any] = []  # the slave's termios as we set it
         self._out = bytearray()
         self._wake = trio.Event()
         self._blocked: int | None = None
@@ -112,11 +126,15 @@ class PtyBackend(ConfigurableBackend):
             self.port.resume_guest_data()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        master, slave = os.openpty()
+        master, self._slave = os.openpty()
+        hangup = select.epoll()
         try:
-            tty.setraw(slave)
+            tty.setraw(self._slave)
+            self._raw = termios.tcgetattr(self._slave)
+            # Registered for no event: epoll reports only the fd's hang-up (and errors).
+            hangup.register(self._slave, 0)
             os.set_blocking(master, False)
-            self.path = path = os.ttyname(slave)
+            self.path = path = os.ttyname(self._slave)
             self._master = master
             if self.link:
                 try:
@@ -130,14 +148,39 @@ class PtyBackend(ConfigurableBackend):
             task_status.started(path)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop, master)
+                nursery.start_soon(self._watch_hangups, master, path, hangup)
                 await self._read_loop(master)
         finally:
             self._master = -1
             if self.link and self.path:
                 remove_symlink(self.path, self.link)
             trio.lowlevel.notify_closing(master)
+            trio.lowlevel.notify_closing(hangup.fileno())
+            hangup.close()
             os.close(master)
-            os.close(slave)
+            os.close(self._slave)
+
+    async def _watch_hangups(self, master: int, path: str, hangup: select.epoll) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(hangup.fileno())
+            if not hangup.poll(0):
+                continue
+            # Raw again before anyone's reopen lets the line discipline see pending input.
+            termios.tcsetattr(master, termios.TCSANOW, self._raw)
+            try:
+                slave = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError as e:
+                log.warning("%s: pty %s hung up, cannot reopen it: %s (retrying)",
+                            self._label(), path, e)
+                await trio.sleep(1.0)
+                continue
+            termios.tcsetattr(master, termios.TCSANOW, self._raw)
+            hangup.unregister(self._slave)
+            os.close(self._slave)
+            self._slave = slave
+            hangup.register(slave, 0)
+            self.counters.hangups += 1
+            log.info("%s: pty %s was hung up (vhangup): raw mode restored", self._label(), path)
 
     async def _read_loop(self, master: int) -> None:
         while True:
@@ -146,7 +189,7 @@ class PtyBackend(ConfigurableBackend):
                 data = os.read(master, READ_CHUNK)
             except BlockingIOError:
                 continue
-            except OSError as e:  # EIO cannot happen while we hold the slave; be safe
+            except OSError as e:  # EIO: only between a hang-up and our reopen of the slave
                 log.warning("%s: reading the pty: %s", self._label(), e)
                 await trio.sleep(0.1)
                 continue

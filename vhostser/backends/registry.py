@@ -7,7 +7,6 @@ no files and makes no sockets: `run()` does.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -21,6 +20,8 @@ from .tcp import TcpBackend
 from .unix import UnixBackend
 
 __all__ = ["BACKENDS", "backend_type", "create"]
+
+STDOUT = 1  # the process's stdout fd, whatever sys.stdout was made into
 
 
 class _NoOptions(ConfigurableBackend):
@@ -38,16 +39,12 @@ class Echo(_NoOptions, EchoBackend):
     """`echo`: sends every guest byte back, in the same session."""
 
 
-def write_stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
-
-
 class Stdout(_NoOptions, SinkBackend):
-    """`stdout`: guest bytes printed on the daemon's stdout (the embedded default console)."""
+    """`stdout`: guest bytes printed on the daemon's stdout (the embedded default console),
+    never blocking the daemon when nobody reads it (see `SinkBackend`)."""
 
     def __init__(self) -> None:
-        super().__init__(write_stdout)
+        super().__init__(STDOUT, "stdout")
 
 
 BACKENDS: dict[str, type[ConfigurableBackend]] = {

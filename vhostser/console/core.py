@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,13 +30,16 @@ from virtqueue import (
     VIRTIO_F_VERSION_1,
     Chain,
     ChainError,
+    RingError,
     SplitQueue,
 )
 
+from ..logs import RateLimiter
 from . import control, handshake
 from .control import ControlError, ControlMessage, Event
-from .handshake import HandshakeEffect, HandshakeInput
+from .handshake import Announce, HandshakeEffect, HandshakeInput
 from .session import Effect, Input, Reason, State, transition
+from .staging import Staging
 from .state import MAX_PORTS, DeviceState, PortConfig, PortState, Session
 
 log = logging.getLogger("vhostser.console")
@@ -58,6 +62,13 @@ CONTROL_RX, CONTROL_TX = 2, 3
 # Outgoing control messages wait here while the guest has no control buffer posted. 31 ports
 # need at most ~4 messages each per (re)announcement; the bound only catches a runaway.
 MAX_PENDING_CONTROL = 1024
+# The most guest bytes one tx chain may carry; a longer one is completed unread and counted.
+# Linux writes at most 32 KiB per chain; the walker only bounds a chain to 4 GiB, and its
+# buffers may all alias the same guest page, so without this bound one chain could make the
+# daemon copy gigabytes.
+MAX_TX_CHAIN_BYTES = 1 << 20
+# A guest's control messages are 8 bytes, in PAGE_SIZE buffers.
+MAX_CONTROL_CHAIN_BYTES = 4096
 
 
 def rx_queue(port_id: int) -> int:
@@ -110,7 +121,7 @@ class Wake:
 
 @dataclass(frozen=True, slots=True)
 class Credit:
-    """The port's staging buffer has room again: wake senders waiting for it."""
+    """The port's staging buffer gained room: wake senders waiting for it."""
 
     port_id: int
 
@@ -120,7 +131,15 @@ class ConfigChanged:
     """The config space changed (console size): the front end must tell the guest."""
 
 
-Output = SessionOpened | SessionClosed | StateChanged | Wake | Credit | ConfigChanged
+@dataclass(frozen=True, slots=True)
+class RingBroken:
+    """The guest broke queue `index`; its port's queues are no longer served (the front end
+    may be told through the ring's err eventfd)."""
+
+    index: int
+
+
+Output = SessionOpened | SessionClosed | StateChanged | Wake | Credit | ConfigChanged | RingBroken
 
 # Asked for guest bytes of a port: True if the backend took them, False to hold them.
 Deliver = Callable[[int, bytes], bool]
@@ -129,16 +148,36 @@ Deliver = Callable[[int, bytes], bool]
 class ConsoleCore:
     """The device's state and every decision about it; see the module doc."""
 
-    def __init__(self, state: DeviceState, deliver: Deliver) -> None:
+    def __init__(
+        self,
+        state: DeviceState,
+        deliver: Deliver,
+        *,
+        resumed: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`resumed`: `state` is a predecessor's, and the rings about to start are the ones
+        it ran (until `resume_done`)."""
         if not 1 <= state.max_ports <= MAX_PORTS:
             raise ValueError(f"max_ports {state.max_ports} not in 1..{MAX_PORTS}")
         self.state = state
         self._deliver = deliver
+        self._resuming = resumed
+        # Where a new port's staged host bytes live (the daemon: a memfd in the fd store).
+        self.new_staging: Callable[[PortConfig], Staging] = (
+            lambda config: Staging.in_memory(config.staging_limit))
+        # Called once a guest control message is handled, before its buffer is completed:
+        # the owner makes the state durable there (the state region).
+        self.checkpoint: Callable[[], object] = lambda: None
         self._outputs: deque[Output] = deque()
-        # Runtime only, never serialized: the started rings, and per port the tx chain whose
-        # bytes its backend refused (given back to its ring when the ring stops).
+        # Every line the guest can make us log again and again goes through this.
+        self._limit = RateLimiter(log, clock=clock)
+        # Runtime only, never serialized: the started rings, per port the tx chain whose
+        # bytes its backend refused (given back to its ring when the ring stops), and the
+        # rings the guest broke (not served until started again).
         self._rings: dict[int, SplitQueue] = {}
         self._held: dict[int, tuple[Chain, bytes]] = {}
+        self._broken: dict[int, str] = {}
 
     @property
     def held_ports(self) -> list[int]:
@@ -185,7 +224,8 @@ class ConsoleCore:
             raise ValueError(f"port {config.id} exists")
         if config.name and any(p.config.name == config.name for p in ports.values()):
             raise ValueError(f"a port is already named {config.name!r}")
-        port = ports[config.id] = PortState(config, next_session_id=first_session_id)
+        port = ports[config.id] = PortState(config, next_session_id=first_session_id,
+                                            staging=self.new_staging(config))
         if self.state.driver_ready and self.multiport:
             self._handshake(port, HandshakeInput.DRIVER_READY)
         elif not self.multiport and config.id == 0 and tx_queue(0) in self._rings:
@@ -200,6 +240,7 @@ class ConsoleCore:
         self._apply(port, Input.REMOVE)
         self._handshake(port, HandshakeInput.REMOVE)
         del self.state.ports[port_id]
+        port.staging.close()
         # Counted on the device: the port and its counters are gone.
         self._drop_held(port_id, "port-removed")
         log.info("port %d %r removed", port_id, port.config.name)
@@ -217,6 +258,51 @@ class ConsoleCore:
         assert session is not None
         log.info("%s: session %d restored (guest had it open)", self._who(port), session_id)
         self._outputs.append(SessionOpened(port_id, session))
+
+    def adopt(self, source: DeviceState) -> None:
+        """Go on from a migration source's state (VHOST_USER_SET_DEVICE_STATE_FD): the guest's
+        side of every port — handshake, open session and its id, what it was told — comes from
+        `source`; the host side (which backends have a peer) stays this daemon's, and the guest
+        is told where that differs. The guest's open sessions are replayed to the backends; no
+        session id is reused. A port only the source had is removed (DEVICE_REMOVE), one only
+        this daemon has is hot-plugged."""
+        if source.max_ports != self.state.max_ports:
+            raise ValueError(f"the source has max_ports {source.max_ports}, this device "
+                             f"{self.state.max_ports}")
+        local, mine = self.state, self.state.ports
+        for field_name in ("cols", "rows", "acked_features", "status", "driver_ready",
+                           "control_tx_handled"):
+            setattr(local, field_name, getattr(source, field_name))
+        local.control_out = deque(m for m in source.control_out if m.id in mine)
+        for pid, theirs in sorted(source.ports.items()):
+            port = mine.get(pid)
+            if port is None:
+                if theirs.announce in (Announce.ADDED, Announce.READY):
+                    self._queue_control(control.device_remove(pid))
+                continue
+            host = port.session.host_open
+            port.announce = theirs.announce
+            port.session_id = theirs.session_id
+            port.next_session_id = max(port.next_session_id, theirs.next_session_id)
+            if theirs.session is State.E:
+                port.session = State.E
+            elif theirs.session.in_session:
+                port.session = State.A if host else State.D
+            else:
+                port.session = State.C if host else State.B
+            if port.session_id is not None:
+                port.staging.append(theirs.staging.data())
+                session = port.current_session
+                assert session is not None
+                self._outputs.append(SessionOpened(pid, session))
+            if port.guest_ready and theirs.session.host_open != port.session.host_open:
+                self._queue_control(control.port_open(pid, port.session.host_open))
+        for pid, port in sorted(mine.items()):
+            if pid not in source.ports:
+                port.announce = Announce.UNKNOWN
+                if local.driver_ready and self.multiport:
+                    self._handshake(port, HandshakeInput.DRIVER_READY)
+        log.info("device state adopted from a migration source (%d ports)", len(mine))
 
     def resize(self, port_id: int, cols: int, rows: int) -> None:
         """A console port's size changed: RESIZE (multiport) or the config space (port 0)."""
@@ -257,13 +343,12 @@ class ConsoleCore:
             return len(data)
         taken = min(self.staging_room(port_id), len(data))
         if taken > 0:
-            port.staging += data[:taken]
+            port.staging.append(data[:taken])
             self._outputs.append(Wake(rx_queue(port_id)))
         return taken
 
     def staging_room(self, port_id: int) -> int:
-        port = self.state.ports[port_id]
-        return max(0, port.config.staging_limit - len(port.staging))
+        return self.state.ports[port_id].staging.room
 
     def resume_guest_data(self, port_id: int) -> None:
         """The backend can take guest bytes again."""
@@ -286,21 +371,31 @@ class ConsoleCore:
 
     def set_config(self, offset: int, data: bytes) -> None:
         if offset != EMERG_WR_OFFSET or len(data) != 4:
-            log.warning("config write of %d bytes at %d ignored: only emerg_wr is writable",
-                        len(data), offset)
+            self._limit.warning("config writes", "config write of %d bytes at %d ignored: "
+                                "only emerg_wr is writable", len(data), offset)
             return
         # Emergency write: one character, usable before the queues exist (virtio §5.3.6).
         port = self.state.ports.get(0)
         if port is None:
             self.state.counters.bytes_on_missing_ports += 1
-            log.warning("emergency write of 0x%02x with no port 0: dropped", data[0])
+            self._limit.warning("emergency writes", "emergency write of 0x%02x with no port 0: "
+                                "dropped", data[0])
         elif not self.guest_bytes(0, bytes([data[0]])):
             # Nothing may wait here (there is no chain to hold): what cannot be taken is lost.
             port.counters.discarded["no-host"] += 1
 
+    def resume_done(self) -> None:
+        """Every ring the predecessor ran is running again."""
+        self._resuming = False
+
     def ring_started(self, index: int, ring: SplitQueue) -> None:
-        """Queue `index` runs on `ring` from now on."""
+        """Queue `index` runs on `ring` from now on (a ring broken before is set up anew)."""
         self._rings[index] = ring
+        self._broken.pop(index, None)
+        if self._resuming:
+            return  # the state says where everything stands already
+        if index == CONTROL_TX:
+            self.state.control_tx_handled = ring.next_avail
         if not self.multiport and index == tx_queue(0) and 0 in self.state.ports:
             # Without MULTIPORT port 0 is a console the guest never announces: it is open
             # from the moment the driver runs its queues.
@@ -317,12 +412,37 @@ class ConsoleCore:
         if held is not None:
             ring.give_back(held[0])
 
+    def ring_broken(self, index: int, reason: str) -> bool:
+        """The guest broke queue `index` (a RingError: nothing on it can be trusted). The
+        containment rule: a broken control queue is the device's (True: the caller marks it
+        NEEDS_RESET); a broken port queue is that port's alone (False): both its queues stop
+        being served until started again, counted and logged, and the control queue and the
+        other ports go on."""
+        where = port_of_queue(index)
+        if where is None:
+            return True
+        port_id = where[0]
+        if index in self._broken:
+            return False
+        for i in (rx_queue(port_id), tx_queue(port_id)):
+            self._broken.setdefault(i, reason)
+        self.state.counters.rings_broken += 1
+        self._limit.error(f"port {port_id}: broken rings",
+                          "vring %d (port %d) broken by the guest, the port's queues are no "
+                          "longer served (the control queue and other ports go on): %s",
+                          index, port_id, reason)
+        self._outputs.append(RingBroken(index))
+        return False
+
     # ================================================================== queue service
 
     def service(self, index: int) -> bool:
         """Serve the started queue `index`: True if it stopped for lack of guest buffers (so
         kicks are wanted), False if the device side is blocked (a Wake output follows when it
-        can go on). RingError propagates: the ring cannot be trusted any more."""
+        can go on). RingError propagates: the ring cannot be trusted any more (see
+        `ring_broken`). A broken port queue is not served."""
+        if index in self._broken:
+            return False
         ring = self._rings[index]
         if index == CONTROL_TX:
             return self._serve_control_tx(ring)
@@ -341,18 +461,31 @@ class ConsoleCore:
                 return ring.pop()
             except ChainError as e:
                 self._count_bad_chain("descriptor")
-                log.warning("vring %d: bad descriptor chain %d skipped: %s", index, e.head, e)
+                self._limit.warning(f"vring {index}: bad descriptor chains",
+                                    "vring %d: bad descriptor chain %d skipped: %s",
+                                    index, e.head, e)
                 ring.push(e.head, 0)
 
     # -- control queues
 
     def _queue_control(self, msg: ControlMessage) -> None:
-        if len(self.state.control_out) >= MAX_PENDING_CONTROL:
+        pending = self.state.control_out
+        if msg.event is Event.PORT_OPEN:
+            # H flaps the guest has not read yet (a paused VM, peers coming and going) collapse
+            # into the one pending PORT_OPEN of the port, carrying the latest H: the guest ends
+            # with the final value, in its place among the port's messages, and the queue
+            # cannot fill with them.
+            for i, queued in enumerate(pending):
+                if queued.event is Event.PORT_OPEN and queued.id == msg.id:
+                    pending[i] = msg
+                    return
+        if len(pending) >= MAX_PENDING_CONTROL:
             self.state.counters.control_overflow += 1
-            log.error("control queue to the guest full (%d): %s for port %d dropped",
-                      MAX_PENDING_CONTROL, msg.event.name, msg.id)
+            self._limit.error("control queue full", "control queue to the guest full (%d): "
+                              "%s for port %d dropped", MAX_PENDING_CONTROL, msg.event.name,
+                              msg.id)
             return
-        self.state.control_out.append(msg)
+        pending.append(msg)
         self._outputs.append(Wake(CONTROL_RX))
 
     def _serve_control_rx(self, ring: SplitQueue) -> bool:
@@ -364,8 +497,9 @@ class ConsoleCore:
             data = pending[0].pack()
             if chain.writable_len < len(data):
                 self._count_bad_chain("control-rx-too-small")
-                log.warning("vring %d: control buffer of %d bytes < message of %d",
-                            CONTROL_RX, chain.writable_len, len(data))
+                self._limit.warning(f"vring {CONTROL_RX}: small control buffers",
+                                    "vring %d: control buffer of %d bytes < message of %d",
+                                    CONTROL_RX, chain.writable_len, len(data))
                 ring.push(chain.head, 0)
                 continue
             msg = pending.popleft()
@@ -377,19 +511,37 @@ class ConsoleCore:
         return False
 
     def _serve_control_tx(self, ring: SplitQueue) -> bool:
-        # The guest busy-waits for each control buffer to come back: complete them at once.
+        # The guest busy-waits for each control buffer to come back: complete them at once,
+        # once handled and made durable.
         while (chain := self._pop(CONTROL_TX, ring)) is not None:
-            data = chain.read()
-            ring.push(chain.head, 0)
-            self.state.counters.control_from_guest += 1
-            try:
-                msg = control.parse(data)
-            except ControlError as e:
-                self.state.counters.bad_control += 1
-                log.warning("vring %d: bad control message ignored: %s", CONTROL_TX, e)
+            if chain.readable_len > MAX_CONTROL_CHAIN_BYTES:
+                self._count_bad_chain("control-tx-too-long")
+                self._limit.warning(f"vring {CONTROL_TX}: long control chains",
+                                    "vring %d: control chain %d of %d bytes (> %d) skipped",
+                                    CONTROL_TX, chain.head, chain.readable_len,
+                                    MAX_CONTROL_CHAIN_BYTES)
+                ring.push(chain.head, 0)
                 continue
-            self.control_from_guest(msg)
+            at = (ring.next_avail - 1) & 0xFFFF
+            if 0 < (self.state.control_tx_handled - at) & 0xFFFF <= ring.size:
+                log.info("control message %d was handled before the restart: completed", at)
+            else:
+                self._control_chain(chain.read())
+                self.state.control_tx_handled = (at + 1) & 0xFFFF
+                self.checkpoint()
+            ring.push(chain.head, 0)
         return True
+
+    def _control_chain(self, data: bytes) -> None:
+        self.state.counters.control_from_guest += 1
+        try:
+            msg = control.parse(data)
+        except ControlError as e:
+            self.state.counters.bad_control += 1
+            self._limit.warning("bad control messages",
+                                "vring %d: bad control message ignored: %s", CONTROL_TX, e)
+            return
+        self.control_from_guest(msg)
 
     def control_from_guest(self, msg: ControlMessage) -> None:
         """One control message the guest sent (DEVICE_READY, PORT_READY, PORT_OPEN)."""
@@ -399,8 +551,10 @@ class ConsoleCore:
         port = self.state.ports.get(msg.id)
         if port is None:
             self.state.counters.bad_control += 1
-            log.warning("control %s for port %d ignored: no such port (max_nr_ports %d)",
-                        msg.event.name, msg.id, self.state.max_ports)
+            self._limit.warning("control for missing ports",
+                                "control %s for port %d ignored: no such port "
+                                "(max_nr_ports %d)", msg.event.name, msg.id,
+                                self.state.max_ports)
             return
         if msg.event is Event.PORT_READY:
             self._handshake(port, HandshakeInput.PORT_READY if msg.value == 1
@@ -412,17 +566,20 @@ class ConsoleCore:
                 self._flush_guest_tx(port)
                 self._apply(port, Input.GUEST_CLOSE)
         else:
-            log.warning("port %d: PORT_OPEN(%d) before PORT_READY ignored", msg.id, msg.value)
+            self._limit.warning("early PORT_OPEN", "port %d: PORT_OPEN(%d) before PORT_READY "
+                                "ignored", msg.id, msg.value)
 
     def _device_ready(self, value: int) -> None:
         self.state.counters.device_ready += 1
         if value != 1:
-            log.warning("the guest driver failed to initialise the device (DEVICE_READY %d)", value)
+            self._limit.warning("DEVICE_READY failed", "the guest driver failed to initialise "
+                                "the device (DEVICE_READY %d)", value)
             return
         if self.state.driver_ready:
             # The driver initialised the device again (reboot, driver reload) without a front-end
             # reset: every session of the old driver instance ends here.
-            log.info("DEVICE_READY again: the guest driver restarted; resetting sessions")
+            self._limit.info("DEVICE_READY again", "DEVICE_READY again: the guest driver "
+                             "restarted; resetting sessions")
             self._reset_sessions()
         self.state.driver_ready = True
         for port_id in sorted(self.state.ports):
@@ -448,8 +605,9 @@ class ConsoleCore:
                 return True
             if not chain.writable:
                 self._count_bad_chain("rx-readonly")
-                log.warning("vring %d (port %d): rx chain %d has no writable buffer",
-                            index, port_id, chain.head)
+                self._limit.warning(f"vring {index}: read-only rx chains",
+                                    "vring %d (port %d): rx chain %d has no writable buffer",
+                                    index, port_id, chain.head)
                 ring.push(chain.head, 0)
                 continue
             n = chain.write(self.take_staged(port_id, chain.writable_len))
@@ -457,19 +615,17 @@ class ConsoleCore:
             ring.push(chain.head, n)
         return False
 
-    def take_staged(self, port_id: int, n: int) -> memoryview:
+    def take_staged(self, port_id: int, n: int) -> memoryview | bytes:
         """The first n staged host bytes, to copy into a guest rx buffer (then `consumed`)."""
-        return memoryview(self.state.ports[port_id].staging)[:n]
+        return self.state.ports[port_id].staging.peek(n)
 
     def consumed(self, port_id: int, n: int) -> None:
         """n staged bytes went into one guest rx buffer."""
         port = self.state.ports[port_id]
-        was_full = self.staging_room(port_id) == 0
-        del port.staging[:n]
+        port.staging.consume(n)
         port.counters.bytes_to_guest += n
         port.counters.buffers_to_guest += 1
-        if was_full:
-            self._outputs.append(Credit(port_id))
+        self._outputs.append(Credit(port_id))
 
     def _serve_tx(self, ring: SplitQueue, port_id: int) -> bool:
         index = tx_queue(port_id)
@@ -482,22 +638,39 @@ class ConsoleCore:
                 chain = self._pop(index, ring)
                 if chain is None:
                     return True
-                if chain.writable:
-                    self._count_bad_chain("tx-writable")
-                    log.warning("vring %d (port %d): tx chain %d has device-writable buffers",
-                                index, port_id, chain.head)
+                if not self._tx_chain_usable(index, port_id, chain):
                     ring.push(chain.head, 0)
                     continue
                 held = (chain, chain.read())
             chain, data = held
-            if port is None:
-                self._count_missing(port_id, index, len(data))
-                ring.push(chain.head, 0)
-                continue
             if not self.guest_bytes(port_id, data):
                 self._held[port_id] = held
                 return False
             ring.push(chain.head, 0)
+
+    def _tx_chain_usable(self, index: int, port_id: int, chain: Chain) -> bool:
+        """Whether the bytes of a tx chain may be read (copied) at all; if not, the chain is
+        to be completed empty, and what it held is counted here. Decided from the descriptor
+        lengths, before any copy."""
+        if chain.writable:
+            self._count_bad_chain("tx-writable")
+            self._limit.warning(f"vring {index}: writable tx chains",
+                                "vring %d (port %d): tx chain %d has device-writable buffers",
+                                index, port_id, chain.head)
+            return False
+        port = self.state.ports.get(port_id)
+        if port is None:
+            self._count_missing(port_id, index, chain.readable_len)
+            return False
+        if chain.readable_len > MAX_TX_CHAIN_BYTES:
+            self._count_bad_chain("tx-too-long")
+            port.counters.discarded["too-long"] += chain.readable_len
+            self._limit.warning(f"vring {index}: long tx chains",
+                                "vring %d (port %d): tx chain %d of %d bytes (> %d) dropped "
+                                "unread", index, port_id, chain.head, chain.readable_len,
+                                MAX_TX_CHAIN_BYTES)
+            return False
+        return True
 
     def _flush_guest_tx(self, port: PortState) -> None:
         """Before a guest close ends the session, deliver what the guest wrote before closing
@@ -506,20 +679,30 @@ class ConsoleCore:
         ring = self._rings.get(index)
         if ring is None:
             return
-        self._serve_tx(ring, port.config.id)
-        self._drop_held(port.config.id, "stale")
-        # Chains still in the ring were written in the closing session and could not be taken
-        # (a slow or absent host peer): they must never reach the next session. Linux's close
-        # waits for the device to consume PORT_OPEN(0), so nothing of a later open is there.
+        if index not in self._broken:
+            try:
+                self._serve_tx(ring, port.config.id)
+                self._drop_held(port.config.id, "stale")
+                self._drop_unsent(port, index, ring)
+            except RingError as e:
+                # This runs for the control queue: the port's broken ring stays the port's.
+                self.ring_broken(index, str(e))
+        self._drop_held(port.config.id, "stale")  # what a broken ring left held, if anything
+        self._outputs.append(Wake(index))  # its runner tells the guest of the used buffers
+
+    def _drop_unsent(self, port: PortState, index: int, ring: SplitQueue) -> None:
+        """Chains still in the ring were written in the closing session and could not be taken
+        (a slow or absent host peer): they must never reach the next session. Linux's close
+        waits for the device to consume PORT_OPEN(0), so nothing of a later open is there."""
         dropped = 0
         while (chain := self._pop(index, ring)) is not None:
+            port.counters.discarded["stale"] += chain.readable_len
             dropped += chain.readable_len
             ring.push(chain.head, 0)
         if dropped:
-            port.counters.discarded["stale"] += dropped
-            log.info("port %d: %d unsent guest bytes of the closed session dropped (stale)",
-                     port.config.id, dropped)
-        self._outputs.append(Wake(index))  # its runner tells the guest of the used buffers
+            self._limit.info(f"port {port.config.id}: unsent bytes dropped",
+                             "port %d: %d unsent guest bytes of the closed session dropped "
+                             "(stale)", port.config.id, dropped)
 
     def _drop_held(self, port_id: int, reason: str) -> None:
         """Drop a held tx chain's bytes (counted) and give the guest its buffer back."""
@@ -532,7 +715,8 @@ class ConsoleCore:
             port.counters.discarded[reason] += len(data)
         else:
             self.state.counters.bytes_on_missing_ports += len(data)
-        log.info("port %d: %d held guest bytes dropped (%s)", port_id, len(data), reason)
+        self._limit.info(f"port {port_id}: held bytes dropped",
+                         "port %d: %d held guest bytes dropped (%s)", port_id, len(data), reason)
         index = tx_queue(port_id)
         ring = self._rings.get(index)
         if ring is not None:
@@ -542,12 +726,10 @@ class ConsoleCore:
     def _count_missing(self, port_id: int, index: int, nbytes: int) -> None:
         """Guest bytes on the queue of a port that does not exist (removed, never added)."""
         counters = self.state.counters
-        before = counters.bytes_on_missing_ports
         counters.bytes_on_missing_ports += nbytes
-        # A log line for the first bytes and then one per MiB, not one per chain.
-        if before == 0 or before >> 20 != counters.bytes_on_missing_ports >> 20:
-            log.warning("vring %d: guest bytes for port %d, which does not exist, dropped "
-                        "(%d bytes so far)", index, port_id, counters.bytes_on_missing_ports)
+        self._limit.warning(f"vring {index}: bytes for a missing port",
+                            "vring %d: guest bytes for port %d, which does not exist, dropped "
+                            "(%d bytes so far)", index, port_id, counters.bytes_on_missing_ports)
 
     def _count_bad_chain(self, kind: str) -> None:
         bad = self.state.counters.bad_chains
@@ -580,7 +762,8 @@ class ConsoleCore:
             elif effect is HandshakeEffect.REJECT_OPEN:
                 self.state.counters.bad_control += 1
             elif effect is HandshakeEffect.SETUP_FAILED:
-                log.warning("port %d: the guest failed to set it up (PORT_READY 0)", pid)
+                self._limit.warning("PORT_READY failed",
+                                    "port %d: the guest failed to set it up (PORT_READY 0)", pid)
             elif effect is HandshakeEffect.DROP_QUEUED:
                 # Messages for the port not yet delivered must not reach the guest after it
                 # is gone.
@@ -634,10 +817,11 @@ class ConsoleCore:
 
     def _discard_staging(self, port: PortState, reason: str) -> None:
         if port.staging:
-            port.counters.discarded[reason] += len(port.staging)
-            log.info("port %d: %d queued bytes dropped (%s)", port.config.id,
-                     len(port.staging), reason)
-            port.staging.clear()
+            dropped = port.staging.clear()
+            port.counters.discarded[reason] += dropped
+            self._limit.info(f"port {port.config.id}: staged bytes dropped",
+                             "port %d: %d queued bytes dropped (%s)", port.config.id,
+                             dropped, reason)
             self._outputs.append(Credit(port.config.id))
 
     def guest_may_write(self, port_id: int) -> bool:

@@ -9,6 +9,7 @@ wake-ups, credit for blocked senders, config changes. It decides nothing itself.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -16,13 +17,14 @@ import trio
 
 from ..vhost_user.runner import VringRunner
 from ..vhost_user.vring import Vring
-from .core import ConfigChanged, ConsoleCore, Wake
+from .core import ConfigChanged, ConsoleCore, RingBroken, Wake
 from .port import Port, PortBackend
 from .session import Input
-from .state import DeviceCounters, DeviceState, PortConfig
+from .state import DeviceCounters, DeviceState, PortConfig, StateError
 
 log = logging.getLogger("vhostser.console")
 
+MIGRATION_VERSION = 1
 # How long a backend may take to flush its peers when its port goes away or the daemon stops.
 BACKEND_DRAIN_GRACE = 1.0
 
@@ -39,16 +41,19 @@ class ConsoleDevice:
         rows: int = 25,
         resize_rows_first: bool = False,
         vm_name: str = "",
+        resume: DeviceState | None = None,
     ) -> None:
+        """With `resume`, the device goes on from a predecessor's state: its ports are
+        `adopt_port`ed, not added, and its rings start where they were."""
         self._nursery = nursery
         self.vm_name = vm_name
-        self.core = ConsoleCore(
-            DeviceState(max_ports, cols=cols, rows=rows, resize_rows_first=resize_rows_first),
-            self._deliver,
-        )
+        state = resume or DeviceState(max_ports, cols=cols, rows=rows,
+                                      resize_rows_first=resize_rows_first)
+        self.core = ConsoleCore(state, self._deliver, resumed=resume is not None)
         self.ports: dict[int, Port] = {}
         self._backend_scopes: dict[int, trio.CancelScope] = {}
         self._runners: dict[int, tuple[trio.CancelScope, VringRunner]] = {}
+        # Called when the device itself cannot go on (a broken control queue): NEEDS_RESET.
         self.on_broken: Callable[[Vring | None, str], None] = lambda vring, reason: None
         # Called when the config space changed (console size) so the front end tells the guest.
         self.on_config_change: Callable[[], None] = lambda: None
@@ -80,6 +85,21 @@ class ConsoleDevice:
     ) -> Port:
         """Create a port (hotplug if the guest driver is up: DEVICE_ADD)."""
         self.core.add_port(config, first_session_id=first_session_id)
+        return self._attach(config, backend)
+
+    def adopt_port(self, config: PortConfig, backend: PortBackend) -> Port:
+        """Give a port of the resumed state its backend. The guest knows nothing of a
+        restart, so nothing is sent; the backend hears the open session again (a replay, as
+        after a state-file restore)."""
+        if config.id not in self.core.state.ports or config.id in self.ports:
+            raise ValueError(f"port {config.id} is not a resumed port without a backend")
+        port = self._attach(config, backend)
+        session = port.session
+        if session is not None:
+            backend.session_opened(session)
+        return port
+
+    def _attach(self, config: PortConfig, backend: PortBackend) -> Port:
         port = self.ports[config.id] = Port(self.core, config, backend, self.settle)
         scope = self._backend_scopes[config.id] = trio.CancelScope()
 
@@ -150,6 +170,9 @@ class ConsoleDevice:
                         entry[1].poke()
                 elif isinstance(out, ConfigChanged):
                     self.on_config_change()
+                elif isinstance(out, RingBroken):
+                    if (entry := self._runners.get(out.index)) is not None:
+                        entry[1].vring.signal_error()
                 elif (port := self.ports.get(out.port_id)) is not None:
                     port.carry_out(out)
 
@@ -184,7 +207,7 @@ class ConsoleDevice:
         assert vring.queue is not None
         index = vring.index
         scope = trio.CancelScope()
-        runner = VringRunner(vring, lambda: self._serve(index), self.on_broken)
+        runner = VringRunner(vring, lambda: self._serve(index), self._ring_broken)
         self._runners[index] = (scope, runner)
 
         async def run() -> None:
@@ -202,11 +225,29 @@ class ConsoleDevice:
         self.core.ring_stopped(vring.index)
         self.settle()
 
+    def save_state(self) -> bytes:
+        return json.dumps({"version": MIGRATION_VERSION,
+                           "console": self.core.state.to_dict()}).encode()
+
+    def load_state(self, data: bytes) -> None:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("version") != MIGRATION_VERSION:
+            raise StateError(f"migration state version {doc.get('version')!r} "
+                             f"(this daemon loads {MIGRATION_VERSION})")
+        self.core.adopt(DeviceState.from_dict(doc["console"]))
+        self.settle()
+
     def status_changed(self, status: int) -> None:
         self.core.status_changed(status)
 
     def reset(self) -> None:
         self.core.reset()
+        self.settle()
+
+    def _ring_broken(self, vring: Vring, reason: str) -> None:
+        # The core applies the containment rule: a port's ring is the port's alone.
+        if self.core.ring_broken(vring.index, reason):
+            self.on_broken(vring, reason)
         self.settle()
 
     def _serve(self, index: int) -> bool:

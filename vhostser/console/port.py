@@ -74,6 +74,12 @@ class PortBackend:
         backend nothing on the host attaches to."""
         return None
 
+    def problems(self) -> list[str]:
+        """What can be seen before `run` that will make the backend drop bytes or fail (a
+        missing log directory...), one message each, for `vhostser check`: warnings, since
+        the condition may be gone when the daemon runs."""
+        return []
+
     def counter_values(self) -> Mapping[str, object]:
         """The backend's own counters by name, for `stats`; by default its `counters`."""
         return {} if self.counters is None else self.counters.as_dict()
@@ -105,6 +111,7 @@ class Port:
         self._state = core.state.ports[config.id]
         self._writable = trio.Event()
         self._writable.set()
+        self._room = trio.Event()  # set whenever the staging buffer gains room
         backend.bind(self)
 
     @property
@@ -194,10 +201,22 @@ class Port:
         elif isinstance(out, StateChanged):
             self.backend.state_changed(out.old, out.new)
 
+    @property
+    def staging_room(self) -> int:
+        """How many bytes `send` would take now."""
+        return 0 if self.removed else self._core.staging_room(self.id)
+
+    async def wait_room(self, n: int) -> None:
+        """Until `send` would take n bytes at once (or the port is gone)."""
+        while not self.removed and self._core.staging_room(self.id) < n:
+            self._room = trio.Event()
+            await self._room.wait()
+
     def credit(self) -> None:
-        """The staging buffer has room again, or the port is gone (the device layer calls
+        """The staging buffer gained room, or the port is gone (the device layer calls
         this): wake the senders."""
         self._writable.set()
+        self._room.set()
 
     async def wait_writable(self) -> None:
         """Until `send` would take at least one byte again."""

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from .control import HEADER, ControlMessage, Event
 from .handshake import Announce
 from .session import State
+from .staging import Staging
 
 GuestWritePolicy = Literal["hold", "discard"]
 DEFAULT_STAGING = 64 * 1024
@@ -68,7 +69,8 @@ class PortCounters:
     redundant_events: int = 0
     # bytes dropped, by reason: guest-closed (host→guest while ¬G), no-host (guest→host with
     # the discard policy), stale (queued for a session that ended), console-overflow,
-    # no-session (guest wrote after the host ended its session)
+    # no-session (guest wrote after the host ended its session), too-long (a tx chain over
+    # MAX_TX_CHAIN_BYTES, completed unread)
     discarded: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
@@ -84,8 +86,12 @@ class PortState:
     announce: Announce = Announce.UNKNOWN
     session_id: int | None = None  # the open session (states A and D)
     next_session_id: int = 1
-    staging: bytearray = field(default_factory=bytearray)  # host bytes for the guest
+    staging: Staging = None  # type: ignore[assignment]  # host bytes for the guest
     counters: PortCounters = field(default_factory=PortCounters)
+
+    def __post_init__(self) -> None:
+        if self.staging is None:
+            self.staging = Staging.in_memory(self.config.staging_limit)
 
     @property
     def guest_ready(self) -> bool:
@@ -108,7 +114,8 @@ class DeviceCounters:
     device_ready: int = 0
     bytes_on_missing_ports: int = 0
     backend_failures: int = 0
-    bad_chains: dict[str, int] = field(default_factory=dict)
+    bad_chains: dict[str, int] = field(default_factory=dict)  # by kind, completed unread
+    rings_broken: int = 0  # port rings the guest broke (RingError), contained to the port
 
     def as_dict(self) -> dict[str, object]:
         return dict(vars(self))
@@ -123,6 +130,10 @@ class DeviceState:
     acked_features: int = 0
     status: int = 0
     driver_ready: bool = False  # the guest sent DEVICE_READY(1) since the last reset
+    # The control tx ring's avail position after the last message handled: a successor that
+    # takes a message again from before it completes it without handling it twice (a second
+    # DEVICE_READY would be a reset).
+    control_tx_handled: int = 0
     control_out: deque[ControlMessage] = field(default_factory=deque)
     ports: dict[int, PortState] = field(default_factory=dict)
     counters: DeviceCounters = field(default_factory=DeviceCounters)
@@ -138,6 +149,7 @@ class DeviceState:
             "acked_features": self.acked_features,
             "status": self.status,
             "driver_ready": self.driver_ready,
+            "control_tx_handled": self.control_tx_handled,
             "control_out": [_b64(m.pack()) for m in self.control_out],
             "ports": {str(pid): _port_to_dict(p) for pid, p in sorted(self.ports.items())},
             "counters": asdict(self.counters),
@@ -161,6 +173,7 @@ class DeviceState:
             acked_features=r.get("acked_features", int),
             status=r.get("status", int),
             driver_ready=r.get("driver_ready", bool),
+            control_tx_handled=r.get("control_tx_handled", int) & 0xFFFF,
             counters=_counters(DeviceCounters, r.get("counters", dict), "device counters"),
         )
         for i, raw in enumerate(r.get("control_out", list)):
@@ -191,7 +204,7 @@ def _port_to_dict(p: PortState) -> dict[str, Any]:
         "announce": p.announce.value,
         "session_id": p.session_id,
         "next_session_id": p.next_session_id,
-        "staging": _b64(bytes(p.staging)),
+        "staging": _b64(p.staging.data()),
         "counters": p.counters.as_dict(),
     }
 
@@ -266,12 +279,12 @@ def _port_from_dict(doc: Any, where: str) -> PortState:
     ):
         raise StateError(f"device state: {where}: session {session.name} with id "
                          f"{session_id!r} and next id {next_id}")
-    staging = bytearray(_unb64(r.get("staging", str), f"{where}: staging"))
-    if len(staging) > config.staging_limit:
-        raise StateError(f"device state: {where}: {len(staging)} staged bytes over the "
+    staged = _unb64(r.get("staging", str), f"{where}: staging")
+    if len(staged) > config.staging_limit:
+        raise StateError(f"device state: {where}: {len(staged)} staged bytes over the "
                          f"port's limit {config.staging_limit}")
     return PortState(
         config=config, session=session, announce=announce, session_id=session_id,
-        next_session_id=next_id, staging=staging,
+        next_session_id=next_id, staging=Staging.in_memory(config.staging_limit, staged),
         counters=_counters(PortCounters, r.get("counters", dict), f"{where} counters"),
     )

@@ -12,6 +12,7 @@ from .frontend import (
     FrontEnd,
     FrontEndError,
     open_frontend,
+    sealed_memfd,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "FrontEnd",
     "FrontEndError",
     "open_frontend",
+    "sealed_memfd",
 ]

@@ -84,6 +84,7 @@ __all__ = [
     "FrontEnd",
     "FrontEndError",
     "open_frontend",
+    "sealed_memfd",
 ]
 
 log = logging.getLogger("vhostser.testing.frontend")
@@ -98,6 +99,7 @@ IMPLEMENTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
+    | ProtocolFeature.DEVICE_STATE
 )
 DEFAULT_MEM_SIZE = 16 << 20
 STATUS_FEATURES_OK = 0x8
@@ -159,6 +161,20 @@ class _Vq:
     avail: int = 0
     used: int = 0
     driver: DriverQueue | None = None
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A memfd of `size` bytes sealed as QEMU's memory-backend-memfd (seal=on) seals guest
+    RAM: its size can never change under a back end's mapping (ftruncate fails with EPERM)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _new_eventfd() -> int:
@@ -247,15 +263,8 @@ class FrontEnd:
         self.gpa_base = gpa_base
         self.uva_base = uva_base
         self.mem_size = mem_size
-        self._memfd: int | None = os.memfd_create(
-            "vhostser-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
-        )
+        self._memfd: int | None = sealed_memfd("vhostser-guest-ram", mem_size)
         try:
-            os.ftruncate(self._memfd, mem_size)
-            # As QEMU's memory-backend-memfd (seal=on): the size can never change under the
-            # back end's mapping.
-            fcntl.fcntl(self._memfd, fcntl.F_ADD_SEALS,
-                        fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             self.region = Region(gpa_base, mem_size, uva_base, 0)
             #: The guest's RAM, addressed guest-physically.
             self.mem = MappedMemory()
@@ -470,6 +479,23 @@ class FrontEnd:
     async def set_config(self, offset: int, data: bytes) -> None:
         """SET_CONFIG: the driver writes config space (acked when REPLY_ACK is on)."""
         await self._qemu_request(Request.SET_CONFIG, ConfigSpace(offset, len(data), 0, data))
+
+    async def set_vring_fd(self, request: Request, index: int, fd: int) -> None:
+        """Give the back end `fd` as queue `index`'s kick, call or err eventfd (request
+        SET_VRING_KICK, SET_VRING_CALL or SET_VRING_ERR; acked when REPLY_ACK is on) and use
+        it from now on in place of the one it replaces, as QEMU does when it changes a
+        notifier. The front end owns `fd` from then on; refused (AckError), it is closed and
+        the old one stays."""
+        which = {Request.SET_VRING_KICK: "kick_fd", Request.SET_VRING_CALL: "call_fd",
+                 Request.SET_VRING_ERR: "err_fd"}[request]
+        vq = self._vq(index)
+        try:
+            await self._qemu_request(request, VringFile(index, False), fds=(fd,))
+        except BaseException:
+            os.close(fd)
+            raise
+        _close_watched(getattr(vq, which))
+        setattr(vq, which, fd)
 
     # ------------------------------------------------------------------ data plane
 

@@ -6,7 +6,9 @@ with PORT_READY unless `ready=False`) and the port's real `Port` handle. It open
 the port with real control messages, writes like a tx queue (a refused write is held and
 offered again when the core wakes the tx queue, exactly as the device keeps a held chain),
 and reads like an rx queue (`take_staged` / `consumed`). The control messages the device
-queued for the guest are in `control` (taken from the core's queue as a guest would).
+queued for the guest are in `control`: taken from the core's queue as a guest with control
+buffers posted takes them, as soon as they are queued; with `reads_control` False (a paused
+VM) they wait in `core.state.control_out` until `control` is read.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class PortGuest:
             self.core.add_port(config, first_session_id=first_session_id)
         self.port = Port(self.core, config, backend, self.settle)
         self._sent: list[ControlMessage] = []
+        self.reads_control = True
         self.pending = bytearray()
         self.written = 0  # bytes the port took from us (delivered or dropped)
         self._tx = trio.Event()
@@ -86,13 +89,18 @@ class PortGuest:
                     self.config_changes += 1
                 else:
                     self.port.carry_out(out)
+        if self.reads_control:
+            self._take_control()
 
     @property
     def control(self) -> list[ControlMessage]:
         """Every control message the device queued for the guest so far (clear() to forget)."""
+        self._take_control()
+        return self._sent
+
+    def _take_control(self) -> None:
         self._sent.extend(self.core.state.control_out)
         self.core.state.control_out.clear()
-        return self._sent
 
     # -- control
     def control_from_guest(self, msg: ControlMessage) -> None:

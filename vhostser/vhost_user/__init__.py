@@ -1,8 +1,8 @@
 """vhost-user: the message table, the sans-io back-end state machine and its trio connection."""
 
-from .backend import PROTOCOL_FEATURES, Outcome, VhostUserBackend
-from .connection import receive_message, send_backend_request, serve_connection
-from .errors import FramingError, MessageError, UnknownRequestError, VhostUserError
+from .backend import PROTOCOL_FEATURES, Outcome, Transfer, VhostUserBackend
+from .connection import Journal, receive_message, send_backend_request, serve_connection
+from .errors import FramingError, MessageError, ResumeError, UnknownRequestError, VhostUserError
 from .interface import Device
 from .messages import (
     F_PROTOCOL_FEATURES,
@@ -23,11 +23,14 @@ __all__ = [
     "Device",
     "FramingError",
     "Header",
+    "Journal",
     "Message",
     "MessageError",
     "Outcome",
     "ProtocolFeature",
     "Request",
+    "ResumeError",
+    "Transfer",
     "UnknownRequestError",
     "VhostUserBackend",
     "VhostUserError",

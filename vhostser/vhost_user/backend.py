@@ -8,8 +8,10 @@ only moves bytes and fds in and out.
 
 Error policy, in one place (see `receive`):
 - a message that cannot be framed or trusted → close the connection (FramingError);
-- a well-framed but invalid request → log a line naming it, answer a failure ack when the front
-  end asked for one (REPLY_ACK + NEED_REPLY), ignore it otherwise and carry on;
+- a well-framed but invalid request → log a line naming it (rate-limited), count it, answer a
+  failure ack when the front end asked for one (REPLY_ACK + NEED_REPLY), ignore it otherwise
+  and carry on; an fd of the wrong kind (the request table says which kind) is such a request,
+  rejected before any handler, poll or read sees the fd;
 - an invalid request the front end waits a real answer for (GET_*) → close the connection,
   since no answer we could give would be true.
 """
@@ -17,8 +19,11 @@ Error policy, in one place (see `receive`):
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from virtqueue import (
     MAX_QUEUE_SIZE,
@@ -26,11 +31,13 @@ from virtqueue import (
     VIRTIO_F_RING_INDIRECT_DESC,
     GuestMemoryError,
     MappedMemory,
+    Region,
     VirtqueueError,
 )
 
-from ..fds import close_fd, close_fds
-from .errors import MessageError, UnknownRequestError
+from ..fds import FdKindError, accept_fd, close_fd, close_fds
+from ..logs import RateLimiter
+from .errors import MessageError, ResumeError, UnknownRequestError
 from .interface import Device
 from .messages import (
     F_PROTOCOL_FEATURES,
@@ -39,6 +46,7 @@ from .messages import (
     U64,
     BackendRequest,
     ConfigSpace,
+    DeviceStateTransfer,
     Header,
     MemoryTable,
     Message,
@@ -46,6 +54,8 @@ from .messages import (
     ProtocolFeature,
     Request,
     SingleMemoryRegion,
+    TransferDirection,
+    TransferPhase,
     VringAddr,
     VringFile,
     VringState,
@@ -69,9 +79,31 @@ PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
+    | ProtocolFeature.DEVICE_STATE
 )
+# SET_DEVICE_STATE_FD's reply: bits 0-7 an error, bit 8 "no fd of the back end's own comes".
+TRANSFER_NO_FD = 1 << 8
+MAX_DEVICE_STATE = 64 << 20
 # KVM's memory-slot limit, which is also what QEMU and libvhost-user use.
 MAX_MEM_SLOTS = 509
+
+
+def _known_name(code: int) -> str:
+    """A request's name, or "unknown": a bounded set of keys for counters and log limits."""
+    try:
+        return Request(code).name
+    except ValueError:
+        return "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A device-state transfer the connection carries out after the reply: write `data` to
+    `fd` (SAVE) or read `fd` to its end (LOAD, `data` None), then close `fd` and tell
+    `VhostUserBackend.transfer_done`."""
+
+    fd: int
+    data: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +112,7 @@ class Outcome:
 
     reply: bytes | None = None
     close: bool = False
+    transfer: Transfer | None = None
 
 
 class VhostUserBackend:
@@ -89,9 +122,14 @@ class VhostUserBackend:
     (its sessions survive); `disconnected()` drops what belonged to the old connection.
     """
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.device = device
         self.vrings = [Vring(i) for i in range(device.num_queues)]
+        # Requests rejected and fds of the wrong kind, by request name ("unknown" for codes
+        # outside the Request enum, so a front end cannot grow these without bound).
+        self.rejected: Counter[str] = Counter()
+        self.bad_fds: Counter[str] = Counter()
+        self._limit = RateLimiter(log, clock=clock)
         self.memory: MappedMemory | None = None
         self.owned = False
         self.acked_features = 0
@@ -99,6 +137,14 @@ class VhostUserBackend:
         self.status = 0
         self.needs_reset = False
         self.backend_req_fd: int | None = None
+        # The fds of the memory regions, kept open (not only mapped) so that a successor can
+        # map them again: region -> (fd store name, fd).
+        self.region_fds: dict[Region, tuple[str, int]] = {}
+        self._region_serial = 0
+        # Told of every fd this back end keeps (name, fd) and lets go of (name, None).
+        self.custody: Callable[[str, int | None], None] = lambda name, fd: None
+        for v in self.vrings:
+            v.custody = lambda name, fd: self.custody(name, fd)
         self._handlers: dict[Request, Callable[[Message], Payload | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -125,7 +171,11 @@ class VhostUserBackend:
             Request.REM_MEM_REG: self._rem_mem_reg,
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
+            Request.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            Request.CHECK_DEVICE_STATE: self._check_device_state,
         }
+        self._transfer: Transfer | None = None
+        self._transfer_ok: bool | None = None  # None: none finished since the last request
         assert self._handlers.keys() == REQUESTS.keys(), "request table and handlers disagree"
 
     # ------------------------------------------------------------------ entry point
@@ -135,6 +185,7 @@ class VhostUserBackend:
         name = request_name(header.request)
         try:
             msg = decode(header, body, fds)
+            self._accept_fds(msg)
             log.debug("%s flags=0x%x %s fds=%d", name, msg.flags, msg.payload, len(msg.fds))
             # A handler owns the fds once it returns; if it raises, it has kept none of them.
             result = self._handlers[msg.request](msg)
@@ -146,19 +197,23 @@ class VhostUserBackend:
                 self.mark_needs_reset(None, f"{name} failed: {e!r}")
                 e = MessageError(f"internal error: {e!r}")
             close_fds(fds)
+            kind = _known_name(header.request)
+            self.rejected[kind] += 1
             expects_answer = not isinstance(e, UnknownRequestError) and (
                 REQUESTS[Request(header.request)].reply is not None
             )
             if expects_answer:
-                log.warning("%s: rejected, closing the connection: %s", name, e)
+                self._limit.warning(f"{kind} rejected", "%s: rejected, closing the connection: "
+                                    "%s", name, e)
                 return Outcome(close=True)
-            log.warning("%s: rejected: %s", name, e)
+            self._limit.warning(f"{kind} rejected", "%s: rejected: %s", name, e)
             if header.need_reply and self._reply_ack:
                 return Outcome(encode_reply(header.request, U64(1)))
             return Outcome()
         if msg.spec.reply is not None:
             assert result is not None
-            return Outcome(encode_reply(msg.request, result))
+            transfer, self._transfer = self._transfer, None
+            return Outcome(encode_reply(msg.request, result), transfer=transfer)
         if msg.need_reply and self._reply_ack:
             return Outcome(encode_reply(msg.request, U64(0)))
         return Outcome()
@@ -167,7 +222,33 @@ class VhostUserBackend:
     def _reply_ack(self) -> bool:
         return bool(self.acked_protocol_features & ProtocolFeature.REPLY_ACK)
 
+    def stats(self) -> dict[str, Any]:
+        """The protocol's counters, for the daemon's stats."""
+        return {
+            "rejected": dict(self.rejected),
+            "bad_fds": dict(self.bad_fds),
+            "eventfd_failures": {
+                str(v.index): dict(v.eventfd_failures) for v in self.vrings if v.eventfd_failures
+            },
+        }
+
     # ------------------------------------------------------------------ helpers
+
+    def _accept_fds(self, msg: Message) -> None:
+        """Every fd of the message checked for the kind the request table names, and made
+        non-blocking, before a handler keeps it (the containment rule of fds.py)."""
+        kind = msg.spec.fd_kind
+        if kind is None:
+            return
+        for i, fd in enumerate(msg.fds):
+            try:
+                accept_fd(fd, kind)
+            except FdKindError as e:
+                self.bad_fds[msg.request.name] += 1
+                where = f"vring {msg.payload.index}: " if isinstance(msg.payload, VringFile) else ""
+                if len(msg.fds) > 1:
+                    where += f"fd {i + 1} of {len(msg.fds)}: "
+                raise MessageError(f"{where}{e}") from None
 
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < len(self.vrings):
@@ -196,7 +277,8 @@ class VhostUserBackend:
                     indirect=bool(self.acked_features & VIRTIO_F_RING_INDIRECT_DESC),
                 )
             except VirtqueueError as e:
-                log.warning("vring %d: cannot start: %s", vring.index, e)
+                self._limit.warning(f"vring {vring.index} cannot start",
+                                    "vring %d: cannot start: %s", vring.index, e)
                 return
             log.debug("vring %d started at avail %d", vring.index, vring.base)
             self.device.queue_started(vring)
@@ -217,7 +299,8 @@ class VhostUserBackend:
 
     def mark_needs_reset(self, vring: Vring | None, reason: str) -> None:
         """The device found the driver's state unusable: DEVICE_NEEDS_RESET, per virtio."""
-        log.error("device needs reset%s: %s", f" (vring {vring.index})" if vring else "", reason)
+        self._limit.error("device needs reset", "device needs reset%s: %s",
+                          f" (vring {vring.index})" if vring else "", reason)
         self.needs_reset = True
         if vring is not None:
             vring.signal_error()
@@ -237,13 +320,104 @@ class VhostUserBackend:
             for which in ("kick", "call", "err"):
                 v.set_fd(which, None)
             v.enabled = False
-        close_fd(self.backend_req_fd)
-        self.backend_req_fd = None
+        self._set_backend_req(None)
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        self._forget_regions(list(self.region_fds))
         self.owned = False
         self.acked_protocol_features = ProtocolFeature(0)
+
+    # ------------------------------------------------------------------ continuity
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a successor needs to go on with the same front end without one message
+        (JSON-able; the fds themselves are in the fd store under the names given here)."""
+        return {
+            "acked_features": self.acked_features,
+            "acked_protocol_features": int(self.acked_protocol_features),
+            "owned": self.owned,
+            "status": self.status,
+            "needs_reset": self.needs_reset,
+            "region_serial": self._region_serial,
+            "regions": [
+                {"gpa": r.guest_phys_addr, "size": r.size, "uva": r.userspace_addr,
+                 "offset": r.mmap_offset, "fd": name}
+                for r, (name, _) in self.region_fds.items()
+            ],
+            "backend_req": self.backend_req_fd is not None,
+            "vrings": [
+                {
+                    "size": v.size,
+                    "addr": None if v.addr is None else [
+                        v.addr.flags, v.addr.desc, v.addr.used, v.addr.avail, v.addr.log],
+                    "base": v.base,
+                    "used_base": v.used_base,
+                    "enabled": v.enabled,
+                    "started": v.started,
+                    **{which: getattr(v, f"{which}_fd") is not None
+                       for which in ("kick", "call", "err")},
+                }
+                for v in self.vrings
+            ],
+        }
+
+    def resume(self, doc: Any, fd_of: Callable[[str], int | None]) -> None:
+        """Go on from a predecessor's `snapshot` with the fds it kept (`fd_of(name)`), on the
+        same connection: no message is exchanged and the guest notices nothing.
+
+        Every ring that was running starts again at the used index in guest memory, for both
+        its avail and used positions. That is exact because this device completes chains in
+        the order it takes them (a held chain is the last one taken): what lies between the
+        used index and the predecessor's avail position is at most one chain per queue, taken
+        but not completed, and it is taken again. Each such ring's call eventfd is signalled
+        once, in case the predecessor died between completing a chain and interrupting."""
+        try:
+            self._resume(doc, fd_of)
+        except (KeyError, TypeError, ValueError, GuestMemoryError) as e:
+            raise ResumeError(f"cannot resume the vhost-user state: {e!r}") from None
+
+    def _resume(self, doc: dict[str, Any], fd_of: Callable[[str], int | None]) -> None:
+        def need(name: str) -> int:
+            fd = fd_of(name)
+            if fd is None:
+                raise ValueError(f"fd {name} is not in the store")
+            return fd
+
+        if len(doc["vrings"]) != len(self.vrings):
+            raise ValueError(f"{len(doc['vrings'])} vrings, the device has {len(self.vrings)}")
+        self.acked_features = int(doc["acked_features"])
+        self.acked_protocol_features = ProtocolFeature(int(doc["acked_protocol_features"]))
+        self.owned, self.status = bool(doc["owned"]), int(doc["status"])
+        self.needs_reset = bool(doc["needs_reset"])
+        self._region_serial = int(doc["region_serial"])
+        memory = MappedMemory()
+        for r in doc["regions"]:
+            region = Region(int(r["gpa"]), int(r["size"]), int(r["uva"]), int(r["offset"]))
+            fd = need(str(r["fd"]))
+            memory.add(region, fd)
+            self.region_fds[region] = (str(r["fd"]), fd)
+        self.memory = memory if self.region_fds else None
+        if doc["backend_req"]:
+            self.backend_req_fd = need("vu.req")
+        running = []
+        for v, d in zip(self.vrings, doc["vrings"], strict=True):
+            v.size, v.base, v.used_base = int(d["size"]), int(d["base"]), int(d["used_base"])
+            v.enabled = bool(d["enabled"])
+            v.addr = None if d["addr"] is None else VringAddr(v.index, *map(int, d["addr"]))
+            for which in ("kick", "call", "err"):
+                setattr(v, f"{which}_fd", need(v.fd_name(which)) if d[which] else None)
+            if d["started"]:
+                running.append(v)
+        for v in running:
+            assert self.memory is not None and v.addr is not None
+            used = self.memory.translate_uva(v.addr.used, 6 + 8 * v.size)
+            v.base = v.used_base = int.from_bytes(self.memory.view(used + 2, 2), "little")
+            self._update(v)
+            if not v.started:
+                raise ValueError(f"vring {v.index} was running and does not start again")
+            log.info("vring %d resumed at %d", v.index, v.base)
+            v.notify()
 
     # ------------------------------------------------------------------ handlers
 
@@ -316,10 +490,12 @@ class VhostUserBackend:
         except GuestMemoryError as e:
             fresh.close()
             raise MessageError(f"cannot map region: {e}") from None
-        close_fds(msg.fds)
         self._stop_all()
         if self.memory is not None:
             self.memory.close()
+        self._forget_regions(list(self.region_fds))
+        for region, fd in zip(msg.payload.regions, msg.fds, strict=True):
+            self._keep_region(region, fd)
         self.memory = fresh
         for v in self.vrings:
             self._update(v)
@@ -327,13 +503,18 @@ class VhostUserBackend:
     def _add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleMemoryRegion)
         region, fd = msg.payload.region, msg.fds[0]
+        if self.memory is not None and len(self.memory.regions) >= MAX_MEM_SLOTS:
+            raise MessageError(
+                f"region at guest 0x{region.guest_phys_addr:x}: all {MAX_MEM_SLOTS} memory "
+                "slots (GET_MAX_MEM_SLOTS) are in use"
+            )
 
         def add(mem: MappedMemory) -> None:
             try:
                 mem.add(region, fd)
             except GuestMemoryError as e:
                 raise MessageError(f"cannot map region: {e}") from None
-            close_fd(fd)
+            self._keep_region(region, fd)
 
         self._replace_memory(add)
 
@@ -343,9 +524,11 @@ class VhostUserBackend:
 
         def remove(mem: MappedMemory) -> None:
             try:
-                mem.remove(region.guest_phys_addr, region.size, region.userspace_addr)
+                removed = mem.remove(region.guest_phys_addr, region.size,
+                                     region.userspace_addr)
             except GuestMemoryError as e:
                 raise MessageError(f"no such region: {e}") from None
+            self._forget_regions([removed])
 
         self._replace_memory(remove)
         close_fds(msg.fds)
@@ -425,8 +608,27 @@ class VhostUserBackend:
         self._update(vring)
 
     def _set_backend_req_fd(self, msg: Message) -> None:
-        close_fd(self.backend_req_fd)
-        self.backend_req_fd = msg.fds[0]
+        self._set_backend_req(msg.fds[0])
+
+    def _set_backend_req(self, fd: int | None) -> None:
+        if self.backend_req_fd is not None:
+            self.custody("vu.req", None)
+            close_fd(self.backend_req_fd)
+        self.backend_req_fd = fd
+        if fd is not None:
+            self.custody("vu.req", fd)
+
+    def _keep_region(self, region: Region, fd: int) -> None:
+        name = f"vu.mem.{self._region_serial}"
+        self._region_serial += 1
+        self.region_fds[region] = (name, fd)
+        self.custody(name, fd)
+
+    def _forget_regions(self, regions: list[Region]) -> None:
+        for region in regions:
+            name, fd = self.region_fds.pop(region)
+            self.custody(name, None)
+            close_fd(fd)
 
     def _get_config(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, ConfigSpace)
@@ -444,6 +646,41 @@ class VhostUserBackend:
             raise MessageError(f"status 0x{msg.payload.value:x} does not fit the status byte")
         self.status = msg.payload.value
         self.device.status_changed(self.status)
+
+    def _set_device_state_fd(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, DeviceStateTransfer)
+        fd = msg.fds[0]
+        try:
+            direction = TransferDirection(msg.payload.direction)
+            TransferPhase(msg.payload.phase)
+        except ValueError:
+            close_fd(fd)
+            raise MessageError(f"device state transfer {msg.payload}: unknown direction or "
+                               "phase") from None
+        running = [v.index for v in self.vrings if v.started]
+        if running:
+            close_fd(fd)
+            log.warning("SET_DEVICE_STATE_FD: vrings %s still run; the device must be "
+                        "suspended", running)
+            return U64(TRANSFER_NO_FD | 1)
+        data = self.device.save_state() if direction is TransferDirection.SAVE else None
+        self._transfer, self._transfer_ok = Transfer(fd, data), None
+        log.info("device state transfer: %s", direction.name)
+        return U64(TRANSFER_NO_FD)
+
+    def transfer_done(self, loaded: bytes | None, error: str | None = None) -> None:
+        """The connection finished a Transfer: `loaded` is what a LOAD read."""
+        if error is None and loaded is not None:
+            try:
+                self.device.load_state(loaded)
+            except (ValueError, KeyError, TypeError) as e:
+                error = f"the state does not load: {e}"
+        if error is not None:
+            log.error("device state transfer failed: %s", error)
+        self._transfer_ok = error is None
+
+    def _check_device_state(self, msg: Message) -> Payload:
+        return U64(0 if self._transfer_ok else 1)
 
     def _get_status(self, msg: Message) -> Payload:
         return U64(self.status | (STATUS_NEEDS_RESET if self.needs_reset else 0))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import array
 import logging
+import os
 import socket
+from typing import Protocol
 
 import trio
 
 from ..fds import close_fds
-from .backend import VhostUserBackend
+from .backend import MAX_DEVICE_STATE, Transfer, VhostUserBackend
 from .errors import FramingError
 from .messages import FLAG_NEED_REPLY, HEADER, MAX_FDS, U64, Header, request_name
 
@@ -19,6 +21,8 @@ log = logging.getLogger("vhostser.vhost_user")
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 # How long a back-end request (CONFIG_CHANGE_MSG) may wait for the front end's ack.
 BACKEND_REQUEST_TIMEOUT = 5.0
+# How long a device-state transfer may take (the front end reads or writes the other end).
+TRANSFER_TIMEOUT = 30.0
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -64,7 +68,23 @@ async def receive_message(
     return header, body, fds
 
 
-async def serve_connection(sock: trio.socket.SocketType, backend: VhostUserBackend) -> None:
+class Journal(Protocol):
+    """Told of each request around its handling, so that a successor can finish one the
+    process died in (the state region keeps it)."""
+
+    def received(self, raw: bytes, with_fds: bool) -> None:
+        """A request (header and body as they came) is about to be handled."""
+
+    def handled(self, reply: bytes | None) -> None:
+        """It was handled; `reply` is about to be sent."""
+
+    def replied(self) -> None:
+        """The reply went out."""
+
+
+async def serve_connection(
+    sock: trio.socket.SocketType, backend: VhostUserBackend, journal: Journal | None = None
+) -> None:
     """Run one front end's conversation to its end; the backend outlives it."""
     try:
         while True:
@@ -79,17 +99,61 @@ async def serve_connection(sock: trio.socket.SocketType, backend: VhostUserBacke
             if message is None:
                 log.info("front end closed the connection")
                 return
-            outcome = backend.receive(*message)
+            header, body, fds = message
+            if journal is not None:
+                journal.received(HEADER.pack(header.request, header.flags, header.size) + body,
+                                 bool(fds))
+            outcome = backend.receive(header, body, fds)
+            if journal is not None:
+                journal.handled(outcome.reply)
             if outcome.reply is not None:
                 try:
                     await sock.send(outcome.reply)
                 except OSError as e:
                     log.warning("front-end connection failed sending a reply: %s", e)
                     return
+                if journal is not None:
+                    journal.replied()
+            if outcome.transfer is not None:
+                await _carry_out(outcome.transfer, backend)
             if outcome.close:
                 return
     finally:
         backend.disconnected()
+
+
+async def _carry_out(transfer: Transfer, backend: VhostUserBackend) -> None:
+    """Stream a device state through its channel (non-blocking since receipt), then close
+    it: the front end reads to its end (SAVE) or closes its end when all is written (LOAD)."""
+    fd, loaded, error = transfer.fd, bytearray(), None
+    try:
+        with trio.fail_after(TRANSFER_TIMEOUT):
+            if transfer.data is not None:
+                view = memoryview(transfer.data)
+                while view:
+                    await trio.lowlevel.wait_writable(fd)
+                    try:
+                        view = view[os.write(fd, view):]
+                    except BlockingIOError:
+                        continue
+            else:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        chunk = os.read(fd, 1 << 16)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        break
+                    loaded += chunk
+                    if len(loaded) > MAX_DEVICE_STATE:
+                        raise ValueError(f"more than {MAX_DEVICE_STATE} bytes of state")
+    except (OSError, ValueError, trio.TooSlowError) as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        close_fds([fd])
+    backend.transfer_done(None if transfer.data is not None else bytes(loaded), error)
 
 
 async def send_backend_request(backend: VhostUserBackend, message: bytes) -> bool:

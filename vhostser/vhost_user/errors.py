@@ -23,3 +23,7 @@ class UnknownRequestError(MessageError):
     def __init__(self, code: int) -> None:
         super().__init__(f"unknown or unsupported request {code}")
         self.code = code
+
+
+class ResumeError(VhostUserError):
+    """A predecessor's state that this back end cannot go on from."""

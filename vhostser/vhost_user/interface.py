@@ -50,6 +50,12 @@ class Device(Protocol):
         """The front end set the virtio device status byte (SET_STATUS); 0 is a stop, not a
         reset, as QEMU sends it when pausing a VM."""
 
+    def save_state(self) -> bytes:
+        """The device's state for a migration destination (every queue is stopped)."""
+
+    def load_state(self, data: bytes) -> None:
+        """Go on from a migration source's `save_state` (ValueError if it does not fit)."""
+
     def reset(self) -> None:
         """RESET_DEVICE (or the deprecated RESET_OWNER): forget all device state. Every queue
         has been stopped before this is called."""

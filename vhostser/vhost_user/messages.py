@@ -2,7 +2,9 @@
 
 Sans-io: this module turns bytes into typed messages and back, and checks each message against
 the request table (payload type, exact size, how many fds it may carry) before any handler sees
-it. Numbers follow QEMU's docs/interop/vhost-user.rst.
+it. The table also says what kind each fd must be; that takes system calls, so the back end
+checks it (`VhostUserBackend.receive`, with `fds.accept_fd`) right after `decode`. Numbers
+follow QEMU's docs/interop/vhost-user.rst.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import ClassVar, Self
 
 from virtqueue import Region
 
+from ..fds import FdKind
 from .errors import FramingError, MessageError, UnknownRequestError
 
 
@@ -206,6 +209,32 @@ class U64(Payload):
 
 
 _VRING_STATE = struct.Struct("<II")
+_TRANSFER = struct.Struct("<II")
+
+
+class TransferDirection(enum.IntEnum):
+    SAVE = 0  # the back end writes its state (migration source)
+    LOAD = 1  # the back end reads it (destination)
+
+
+class TransferPhase(enum.IntEnum):
+    STOPPED = 0  # the only phase defined: every ring suspended
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateTransfer(Payload):
+    """SET_DEVICE_STATE_FD: `direction, phase` of the transfer over the fd that comes with it."""
+
+    SIZE: ClassVar[int | None] = 8
+    direction: int
+    phase: int
+
+    @classmethod
+    def unpack(cls, body: bytes) -> DeviceStateTransfer:
+        return cls(*_TRANSFER.unpack(body))
+
+    def pack(self) -> bytes:
+        return _TRANSFER.pack(self.direction, self.phase)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +388,9 @@ class RequestSpec:
     payload: type[Payload]
     max_fds: int = 0
     min_fds: int = 0
+    # What each fd must be, checked (and the fd made non-blocking) at receipt; None: any,
+    # for an fd that is only closed.
+    fd_kind: FdKind | None = None
     # The payload type of the request's own reply; None: only a REPLY_ACK ack, if asked for.
     reply: type[Payload] | None = None
 
@@ -369,28 +401,34 @@ REQUESTS: dict[Request, RequestSpec] = {
     Request.SET_FEATURES: RequestSpec(U64),
     Request.SET_OWNER: RequestSpec(Empty),
     Request.RESET_OWNER: RequestSpec(Empty),
-    Request.SET_MEM_TABLE: RequestSpec(MemoryTable, max_fds=MAX_MEM_REGIONS),
+    Request.SET_MEM_TABLE: RequestSpec(MemoryTable, max_fds=MAX_MEM_REGIONS,
+                                       fd_kind=FdKind.MEMORY),
     Request.SET_VRING_NUM: RequestSpec(VringState),
     Request.SET_VRING_ADDR: RequestSpec(VringAddr),
     Request.SET_VRING_BASE: RequestSpec(VringState),
     Request.GET_VRING_BASE: RequestSpec(VringState, reply=VringState),
-    Request.SET_VRING_KICK: RequestSpec(VringFile, max_fds=1),
-    Request.SET_VRING_CALL: RequestSpec(VringFile, max_fds=1),
-    Request.SET_VRING_ERR: RequestSpec(VringFile, max_fds=1),
+    Request.SET_VRING_KICK: RequestSpec(VringFile, max_fds=1, fd_kind=FdKind.EVENTFD),
+    Request.SET_VRING_CALL: RequestSpec(VringFile, max_fds=1, fd_kind=FdKind.EVENTFD),
+    Request.SET_VRING_ERR: RequestSpec(VringFile, max_fds=1, fd_kind=FdKind.EVENTFD),
     Request.GET_PROTOCOL_FEATURES: RequestSpec(Empty, reply=U64),
     Request.SET_PROTOCOL_FEATURES: RequestSpec(U64),
     Request.GET_QUEUE_NUM: RequestSpec(Empty, reply=U64),
     Request.SET_VRING_ENABLE: RequestSpec(VringState),
-    Request.SET_BACKEND_REQ_FD: RequestSpec(Empty, min_fds=1, max_fds=1),
+    Request.SET_BACKEND_REQ_FD: RequestSpec(Empty, min_fds=1, max_fds=1,
+                                            fd_kind=FdKind.UNIX_STREAM),
     Request.GET_CONFIG: RequestSpec(ConfigSpace, reply=ConfigSpace),
     Request.SET_CONFIG: RequestSpec(ConfigSpace),
     Request.RESET_DEVICE: RequestSpec(Empty),
     Request.GET_MAX_MEM_SLOTS: RequestSpec(Empty, reply=U64),
-    Request.ADD_MEM_REG: RequestSpec(SingleMemoryRegion, min_fds=1, max_fds=1),
+    Request.ADD_MEM_REG: RequestSpec(SingleMemoryRegion, min_fds=1, max_fds=1,
+                                     fd_kind=FdKind.MEMORY),
     # Older QEMUs attach the region's fd to REM_MEM_REG too; it is accepted and closed.
     Request.REM_MEM_REG: RequestSpec(SingleMemoryRegion, max_fds=1),
     Request.SET_STATUS: RequestSpec(U64),
     Request.GET_STATUS: RequestSpec(Empty, reply=U64),
+    Request.SET_DEVICE_STATE_FD: RequestSpec(DeviceStateTransfer, max_fds=1, min_fds=1,
+                                             fd_kind=FdKind.STREAM, reply=U64),
+    Request.CHECK_DEVICE_STATE: RequestSpec(Empty, reply=U64),
 }
 
 

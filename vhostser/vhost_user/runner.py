@@ -8,29 +8,15 @@ left polling an fd number that was closed under it.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 
 import trio
 
-from virtqueue import Chain, ChainError, RingError, SplitQueue
+from virtqueue import RingError
 
 from ..fds import wait_eventfd
 from .vring import Vring
-
-log = logging.getLogger("vhostser.vhost_user")
-
-
-def pop_chain(vring: Vring, queue: SplitQueue) -> Chain | None:
-    """The next good chain, or None. A bad chain is logged and given back empty, as
-    rust-vmm's virtio-queue does; a broken ring raises RingError for the runner to handle."""
-    while True:
-        try:
-            return queue.pop()
-        except ChainError as e:
-            log.warning("vring %d: bad descriptor chain %d skipped: %s", vring.index, e.head, e)
-            queue.push(e.head, 0)
 
 
 class VringRunner:
@@ -39,7 +25,9 @@ class VringRunner:
     `service()` does the device's work on the ring (pop, fill or consume, push) and returns
     True if it stopped because the ring ran out of buffers (so kicks are wanted), False if it
     stopped because the device side is blocked (no host data, a slow peer): then the device
-    calls `poke()` once it can go on, and the ring is not polled meanwhile.
+    calls `poke()` once it can go on, and the ring is not polled meanwhile. When the guest
+    breaks the ring (RingError, wherever the runner touches it) the runner calls
+    `on_broken(vring, reason)` and stops; the device decides what else stops with it.
     """
 
     def __init__(
@@ -86,17 +74,17 @@ class VringRunner:
         queue = self.queue
         while self.vring.queue is queue:
             self._wake = trio.Event()
-            queue.disable_notifications()
             try:
+                queue.disable_notifications()
                 wants_kicks = self._service()
+                if self.vring.queue is not queue:
+                    return  # stopped while serving
+                if queue.should_notify():
+                    self.vring.notify()
+                if wants_kicks and queue.enable_notifications():
+                    continue  # buffers arrived between the drain and re-enabling
             except RingError as e:
-                # Nothing on this ring can be trusted until the driver resets the device.
+                # Nothing on this ring can be trusted until the driver sets it up again.
                 self._on_broken(self.vring, str(e))
                 return
-            if self.vring.queue is not queue:
-                return  # stopped while serving
-            if queue.should_notify():
-                self.vring.notify()
-            if wants_kicks and queue.enable_notifications():
-                continue  # buffers arrived between the drain and re-enabling: no lost wakeup
             await self._wake.wait()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
+from collections.abc import Callable
 
 from virtqueue import GuestMemory, SplitQueue
 
@@ -32,6 +34,11 @@ class Vring:
         self.err_fd: int | None = None
         self.enabled = False
         self.queue: SplitQueue | None = None
+        # Told of every fd the vring keeps (and None when it closes one): the fd store.
+        self.custody: Callable[[str, int | None], None] = lambda name, fd: None
+        # Failed call/err eventfd writes, by which; each fd's first failure is logged.
+        self.eventfd_failures: Counter[str] = Counter()
+        self._failure_logged: set[str] = set()
 
     @property
     def started(self) -> bool:
@@ -60,27 +67,42 @@ class Vring:
 
     def notify(self) -> None:
         """Interrupt the driver (the call eventfd); without one the front end polls."""
-        if self.call_fd is not None:
-            try:
-                os.eventfd_write(self.call_fd, 1)
-            except OSError as e:
-                log.warning("vring %d: call eventfd write failed: %s", self.index, e)
+        self._signal("call", self.call_fd)
 
     def signal_error(self) -> None:
         """Tell the front end this ring hit an error it cannot recover from (the err eventfd)."""
-        if self.err_fd is not None:
-            try:
-                os.eventfd_write(self.err_fd, 1)
-            except OSError as e:
-                log.warning("vring %d: err eventfd write failed: %s", self.index, e)
+        self._signal("err", self.err_fd)
+
+    def _signal(self, which: str, fd: int | None) -> None:
+        if fd is None:
+            return
+        try:
+            # Non-blocking since receipt: a count at its maximum is EAGAIN, never a sleep.
+            os.eventfd_write(fd, 1)
+        except OSError as e:
+            # At the maximum count a signal is pending already, unread by the front end:
+            # nothing is lost by dropping this one, but it is counted.
+            self.eventfd_failures[which] += 1
+            if which not in self._failure_logged:
+                self._failure_logged.add(which)
+                log.warning("vring %d: %s eventfd write failed (%s); counted, logged once "
+                            "per eventfd", self.index, which, e)
+
+    def fd_name(self, which: str) -> str:
+        """The fd store's name of the kick, call or err fd."""
+        return f"vu.{which}.{self.index}"
 
     def set_fd(self, which: str, fd: int | None) -> None:
         """Replace the kick, call or err fd, closing the one it replaces."""
         attr = f"{which}_fd"
         old = getattr(self, attr)
         if old is not None and old != fd:
+            self.custody(self.fd_name(which), None)
             close_fd(old)
+            self._failure_logged.discard(which)
         setattr(self, attr, fd)
+        if fd is not None and fd != old:
+            self.custody(self.fd_name(which), fd)
 
     def reset(self) -> None:
         """Back to the state of a vring that was never configured."""

@@ -336,3 +336,38 @@ def test_ctl_json_anywhere_and_wrong_options(tmp: Path) -> None:
         assert r.stderr.startswith("usage: vhostser run") and r.returncode == 2
     finally:
         assert d.stop() == 0
+
+
+def test_no_start_up_check_when_a_predecessors_fds_come_back(tmp: Path) -> None:
+    """Restarted under a service manager that kept the fds (fd store), this VM's own sockets
+    are held by the manager: live, but not in the way. The start-up check must not take
+    them for another process's (here the test holds the port's socket, passed back as a
+    stored fd)."""
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held.bind(str(tmp / "peer.sock"))
+    held.listen(1)
+    cfg = tmp / "p.toml"
+    cfg.write_text(CONFIG.format(tmp=tmp, name="p", extra="") + f"""
+[[port]]
+id = 2
+name = "org.test.unix"
+backend = {{ type = "unix", path = "{tmp}/peer.sock" }}
+""")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify"))
+    notify.settimeout(30)
+    script = (f'exec 3<&{held.fileno()}; LISTEN_PID=$$ exec "$0" -m vhostser run '
+              '--config "$1"')
+    with notify, open(tmp / "stderr", "wb") as err:
+        proc = subprocess.Popen(
+            ["bash", "-c", script, sys.executable, str(cfg)], cwd=ROOT, stderr=err,
+            pass_fds=(held.fileno(),),
+            env=env(NOTIFY_SOCKET=str(tmp / "notify"), LISTEN_FDS="1",
+                    LISTEN_FDNAMES="port.2.listen"))
+        try:
+            assert b"READY=1" in notify.recv(4096), (tmp / "stderr").read_text()
+        finally:
+            proc.terminate()
+            assert proc.wait(20) == 0
+            held.close()
+    assert "is in use" not in (tmp / "stderr").read_text()

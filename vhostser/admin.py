@@ -20,9 +20,10 @@ from typing import Any
 
 import trio
 
+from .backends.unix import UnixEndpoint
 from .config import ConfigError, check_admin_port, load, parse_port
 from .daemon import Daemon
-from .sockets import BACKLOG, ListenerCounters, inherited_unix, listen_unix, serve_connections
+from .sockets import BACKLOG, ListenerCounters, inherited_unix, serve_connections
 
 log = logging.getLogger("vhostser.admin")
 
@@ -203,8 +204,10 @@ async def _handle(daemon: Daemon, conn: trio.socket.SocketType) -> None:
                     response: dict[str, Any] = {"ok": False, "error": f"not JSON: {e}"}
                 else:
                     response = dispatch(daemon, request)
-                    log.info("admin %s: %s", request.get("cmd") if isinstance(request, dict)
-                             else "?", "ok" if response["ok"] else response["error"])
+                    # Debug: `ctl status` in a loop must not fill the journal; what a
+                    # command changes is logged where it is done, at info.
+                    log.debug("admin %s: %s", request.get("cmd") if isinstance(request, dict)
+                              else "?", "ok" if response["ok"] else response["error"])
                 try:
                     await conn.send(json.dumps(response).encode() + b"\n")
                 except OSError:
@@ -218,18 +221,24 @@ async def serve_admin(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    endpoint = None
     if fd is not None:
         listener = inherited_unix(fd)
     else:
         assert path is not None
-        listener = await listen_unix(path, 0o600)  # admin commands: the daemon's user only
-    with listener:
-        task_status.started()
-        await serve_connections(
-            listener, partial(_handle, daemon), label="admin socket",
-            max_connections=MAX_CONNECTIONS, policy=daemon.peer_policy,
-            counters=daemon.listeners.setdefault("admin", ListenerCounters()),
-        )
+        endpoint = UnixEndpoint(path, 0o600)  # admin commands: the daemon's user only
+        listener = await endpoint.listen()
+    try:
+        with listener:
+            task_status.started()
+            await serve_connections(
+                listener, partial(_handle, daemon), label="admin socket",
+                max_connections=MAX_CONNECTIONS, policy=daemon.peer_policy,
+                counters=daemon.listeners.setdefault("admin", ListenerCounters()),
+            )
+    finally:
+        if endpoint is not None:  # our socket file only, not a successor's
+            endpoint.cleanup()
 
 
 async def serve_metrics(

@@ -113,7 +113,6 @@ DEFAULT_TOML = """\
 name = "default"
 socket = "$runtime_dir/default.sock"
 max_ports = 4
-admin_socket = "$runtime_dir/default.ctl"
 
 [[port]]
 id = 0

@@ -9,6 +9,7 @@ import os
 import select
 import socket
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ import trio
 from . import state as state_mod
 from .config import PortSpec, VMConfig
 from .console import ConsoleDevice, DeviceState, Port, PortConfig, PortState
-from .console.session import Input
+from .console.session import Input, State
 from .console.staging import Staging
 from .continuity import RequestKind, SharedStaging, StateRegion
 from .custody import FdStore
 from .sockets import ListenerCounters, PeerPolicy, accept_connection
 from .vhost_user import Header, VhostUserBackend, send_backend_request, serve_connection
+from .vhost_user.backend import STATUS_NEEDS_RESET
 from .vhost_user.messages import HEADER
 
 log = logging.getLogger("vhostser.daemon")
@@ -38,6 +40,25 @@ def _hung_up(sock: trio.socket.SocketType) -> bool:
     poller.register(sock.fileno(), select.POLLRDHUP)
     return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
                for _, events in poller.poll(0))
+
+# The virtio device status bits (virtio 1.2 §2.1), low to high, as `ctl status` names them.
+STATUS_BITS = (
+    (0x01, "ACKNOWLEDGE"), (0x02, "DRIVER"), (0x08, "FEATURES_OK"), (0x04, "DRIVER_OK"),
+    (STATUS_NEEDS_RESET, "NEEDS_RESET"), (0x80, "FAILED"),
+)
+# Session states by name, next to the letter the JSON keeps (console/session.py).
+STATE_NAMES = {
+    State.A: "open (guest+host)",
+    State.B: "closed",
+    State.C: "host waiting",
+    State.D: "guest open, no host",
+    State.E: "ended by host",
+}
+
+
+def status_names(status: int) -> list[str]:
+    """The set bits of a virtio device status, in the order a driver sets them."""
+    return [name for bit, name in STATUS_BITS if status & bit]
 
 
 def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
@@ -110,6 +131,13 @@ class Daemon:
         # Set at shutdown once the state is saved: what the guest has open must survive the
         # sessions closing for shutdown (and the front end's connection ending with them).
         self.stopping = False
+        self.frontend_left: float | None = None  # when the last front end went away
+        # What `status` calls the vhost-user socket: the config's path, or what the service
+        # was handed instead (socket activation, --fd).
+        self.socket = cfg.socket
+        # Sessions taken back from the state file that no front end has confirmed yet (port
+        # id -> session id): until one connects, nothing says the guest is still there.
+        self.restored: dict[int, int] = {}
         self._grace_scope: trio.CancelScope | None = None
         self.state_path = Path(cfg.state_dir) / "state.json" if cfg.state_dir else None
         if resume is not None:
@@ -178,6 +206,7 @@ class Daemon:
             # The guest had this port open when the previous daemon stopped: the session goes
             # on (a reconnecting QEMU brings the same guest back); tell the backend again.
             self.device.restore_session(spec.config.id, saved.session_id)
+            self.restored[spec.config.id] = saved.session_id
         self.save_state()
         return port
 
@@ -185,6 +214,7 @@ class Daemon:
         self.next_ids[port_id] = self.device.ports[port_id].next_session_id
         self.device.remove_port(port_id)
         del self.specs[port_id]
+        self.restored.pop(port_id, None)
         self.save_state()
 
     def close_session(self, port_id: int) -> int | None:
@@ -363,17 +393,36 @@ class Daemon:
                             "still there)", self.cfg.name)
                 conn.close()
                 continue
-            self.frontend_connected = True
-            self.connections += 1
-            if self._grace_scope is not None:
-                self._grace_scope.cancel()
-            self._custody("vu.conn", conn.fileno())
-            log.info("vm %s: front end connected", self.cfg.name)
+            self._connected(conn)
             self._serve_connection(conn)
 
-    def _serve_connection(self, conn: trio.socket.SocketType) -> None:
+    def _serve_connection(self, conn: trio.socket.SocketType, *,
+                          reconnectable: bool = True) -> None:
         self._conn, self._conn_scope, self._conn_done = conn, trio.CancelScope(), trio.Event()
-        self.nursery.start_soon(self._run_connection, conn, self._conn_scope, self._conn_done)
+        self.nursery.start_soon(partial(self._run_connection, conn, self._conn_scope,
+                                        self._conn_done, reconnectable=reconnectable))
+
+    async def serve_connected(self, conn: trio.socket.SocketType) -> None:
+        """Serve the one connection the daemon was started on (`run --fd` with a connected
+        socket, as libvirt and crosvm hand it) and return when it ends. Nobody can connect
+        again, so the sessions close then (frontend-gone) instead of waiting for a grace
+        period."""
+        self._connected(conn)
+        self._serve_connection(conn, reconnectable=False)
+        await self._conn_done.wait()
+        log.info("vm %s: the front end cannot come back on a passed connection: closing "
+                 "sessions", self.cfg.name)
+        self.device.close_all(Input.FRONTEND_GONE)
+        self.save_state()
+
+    def _connected(self, conn: trio.socket.SocketType) -> None:
+        self.frontend_connected = True
+        self.connections += 1
+        self.restored.clear()
+        if self._grace_scope is not None:
+            self._grace_scope.cancel()
+        self._custody("vu.conn", conn.fileno())
+        log.info("vm %s: front end connected", self.cfg.name)
 
     async def _previous_ended(self) -> bool:
         """True once the connection being served has ended, if its front end hung up; False
@@ -390,7 +439,7 @@ class Daemon:
         return True
 
     async def _run_connection(self, conn: trio.socket.SocketType, scope: trio.CancelScope,
-                              done: trio.Event) -> None:
+                              done: trio.Event, *, reconnectable: bool = True) -> None:
         try:
             with scope, conn:
                 try:
@@ -404,10 +453,12 @@ class Daemon:
             # Handing over, the front end is not gone: the successor goes on with it.
             if not self.handing_over:
                 self.frontend_connected = False
+                self.frontend_left = time.time()
                 self.save_state()
-                log.info("vm %s: front end gone; sessions kept for %.0f s", self.cfg.name,
-                         self.cfg.frontend_grace)
-                self.nursery.start_soon(self._grace_period, self.connections)
+                if reconnectable:
+                    log.info("vm %s: front end gone; sessions kept for %.0f s", self.cfg.name,
+                             self.cfg.frontend_grace)
+                    self.nursery.start_soon(self._grace_period, self.connections)
             done.set()
 
     async def _grace_period(self, connections: int) -> None:
@@ -426,22 +477,35 @@ class Daemon:
     # -------------------------------------------------------------- reporting
 
     def status(self) -> dict[str, Any]:
+        """What `ctl status` shows. `status` and `driver_ready` are the device's last known
+        state: they stay what the last front end left while none is connected (reconnect is
+        not reset), so `frontend_connected` / `frontend_left` say whether they are live."""
+        status = self.backend.status | (STATUS_NEEDS_RESET if self.backend.needs_reset else 0)
         return {
             "vm": self.cfg.name,
             "config": self.cfg.source,
-            "socket": self.cfg.socket,
+            "socket": self.socket,
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 1),
             "frontend_connected": self.frontend_connected,
+            "frontend_left": None if self.frontend_connected or self.frontend_left is None
+            else round(time.time() - self.frontend_left, 1),
             "connections": self.connections,
             "driver_ready": self.device.driver_ready,
             "multiport": self.device.multiport,
             "status": self.backend.status,
+            "status_bits": status_names(status),
             "needs_reset": self.backend.needs_reset,
             "max_ports": self.cfg.max_ports,
             "ports": len(self.device.ports),
             "sessions_open": sum(1 for p in self.device.ports.values() if p.session),
+            "sessions_restored": sum(1 for pid in self.device.ports if self._restored(pid)),
         }
+
+    def _restored(self, pid: int) -> bool:
+        """The port's open session is one taken back from the state file, unconfirmed."""
+        session = self.device.ports[pid].session
+        return session is not None and self.restored.get(pid) == session.id
 
     def ports(self) -> list[dict[str, Any]]:
         return [
@@ -450,11 +514,14 @@ class Daemon:
                 "name": port.name,
                 "console": port.config.console,
                 "backend": self.specs[pid].backend_type if pid in self.specs else "?",
+                "endpoint": port.backend.endpoint_info(),
                 "state": port.state.name,
+                "state_name": STATE_NAMES[port.state],
                 "guest_open": port.state.guest_open,
                 "host_open": port.state.host_open,
                 "guest_ready": port.guest_ready,
                 "session": port.session.id if port.session else None,
+                "restored": self._restored(pid),
             }
             for pid, port in sorted(self.device.ports.items())
         ]
@@ -462,7 +529,8 @@ class Daemon:
     def sessions(self) -> list[dict[str, Any]]:
         return [
             {"port": pid, "name": port.name, "session": port.session.id,
-             "state": port.state.name}
+             "state": port.state.name, "state_name": STATE_NAMES[port.state],
+             "restored": self._restored(pid)}
             for pid, port in sorted(self.device.ports.items())
             if port.session is not None
         ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ from .continuity import RegionError, StateRegion
 from .custody import FdStore
 from .daemon import SNAPSHOT_VERSION, Daemon
 from .fds import close_fds
-from .sockets import inherited_unix, listen_unix
+from .sockets import inherited_unix, is_listening, listen_unix
 
 # The daemon's logger: these lines were always "vhostser.daemon: ..." in the journal.
 log = logging.getLogger("vhostser.daemon")
@@ -104,12 +105,29 @@ def _release_sighup() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
+async def _shutdown(daemon: Daemon, nursery: trio.Nursery, *, hand_over: bool = True) -> None:
+    systemd.notify("STOPPING=1")
+    if hand_over and daemon.store.enabled:
+        # Under a service manager that keeps our fds, a stop is a hand-over: the guest, its
+        # sessions and the peers notice nothing, and the next start (a restart, an
+        # upgrade) goes on from here.
+        daemon.hand_over()
+    else:
+        daemon.shut_down()
+        await daemon.device.drain_backends()
+    nursery.cancel_scope.cancel()
+
+
 async def run_daemon(
     cfg: VMConfig,
     *,
+    passed: socket.socket | None = None,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Serve one VM until SIGTERM/SIGINT; returns the exit status (1: it could not start)."""
+    """Serve one VM until SIGTERM/SIGINT; returns the exit status (1: it could not start).
+    With `passed` (`run --fd`, `sockets.passed_unix`) the vhost-user socket is that one:
+    listening, or one connection, and then the daemon stops when it ends (nobody can connect
+    again)."""
     watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     with trio.open_signal_receiver(*watched) as signals:
         activated = systemd.listen_fds()
@@ -123,21 +141,28 @@ async def run_daemon(
             return 1
         admin_fds = units.get("admin")
         admin_fd = admin_fds[0] if admin_fds else None
-        own_socket = not units.get("vhost-user")
+        own_socket = connected = False
         try:
-            if not own_socket:
+            if passed is not None:
+                connected = not is_listening(passed)
+                log.info("vm %s: serving %s passed as fd %d", cfg.name,
+                         "a connection" if connected else "a listening socket",
+                         passed.fileno())
+                listener = trio.socket.from_stdlib_socket(passed)
+            elif units.get("vhost-user"):
                 listener = inherited_unix(units["vhost-user"][0])
                 log.info("vm %s: socket-activated (%s)", cfg.name, ", ".join(units))
             else:
                 listener = await listen_unix(cfg.socket, cfg.socket_mode,
                                              group=cfg.socket_group)
+                own_socket = True
         except OSError as e:
             log.error("vm %s: cannot listen on %s: %s", cfg.name, cfg.socket, e)
             return 1
         with listener:
             status, handed_over = await _serve(
                 cfg, listener, admin_fd, signals, task_status,
-                Recovered(store, region, resume))
+                Recovered(store, region, resume), own_socket=own_socket, connected=connected)
     if own_socket and not handed_over:
         try:
             os.unlink(cfg.socket)
@@ -153,17 +178,30 @@ async def _serve(
     signals: AsyncIterator[int],
     task_status: trio.TaskStatus[Daemon],
     continuity: Recovered,
+    *,
+    own_socket: bool,
+    connected: bool,
 ) -> tuple[int, bool]:
     """(exit status, whether the daemon handed over to a successor)."""
     async with trio.open_nursery() as nursery:
         daemon = Daemon(cfg, nursery, store=continuity.store, region=continuity.region,
                         resume=continuity.resume)
+        if not own_socket:  # what status shows: where the socket really is
+            daemon.socket = listener.getsockname() or f"fd {listener.fileno()}"
         if continuity.resume is not None:
             await daemon.resume_connection(continuity.resume)
         if continuity.region is not None:
             daemon.checkpoint()
             nursery.start_soon(daemon.checkpoints)
-        await nursery.start(daemon.serve, listener)
+        if connected:
+            async def serve_then_stop() -> None:
+                await daemon.serve_connected(listener)
+                # Nothing to hand over: no front end can come back on that connection.
+                await _shutdown(daemon, nursery, hand_over=False)
+
+            nursery.start_soon(serve_then_stop)
+        else:
+            await nursery.start(daemon.serve, listener)
         try:
             if cfg.admin_socket or admin_fd is not None:
                 await nursery.start(serve_admin, daemon, cfg.admin_socket, admin_fd)
@@ -176,8 +214,9 @@ async def _serve(
         interval = systemd.watchdog_interval()
         if interval:
             nursery.start_soon(_watchdog, interval)
-        log.info("vm %s: listening on %s", cfg.name, cfg.socket)
-        systemd.notify("READY=1", f"STATUS=serving {len(cfg.ports)} ports on {cfg.socket}")
+        log.info("vm %s: %s %s", cfg.name,
+                 "serving the connection on" if connected else "listening on", daemon.socket)
+        systemd.notify("READY=1", f"STATUS=serving {len(cfg.ports)} ports on {daemon.socket}")
         task_status.started(daemon)
         _release_sighup()
         async for signum in signals:
@@ -191,16 +230,7 @@ async def _serve(
                 continue
             log.info("signal %s: shutting down", signal.Signals(signum).name)
             break
-        systemd.notify("STOPPING=1")
-        if daemon.store.enabled:
-            # Under a service manager that keeps our fds, a stop is a hand-over: the guest,
-            # its sessions and the peers notice nothing, and the next start (a restart, an
-            # upgrade) goes on from here.
-            daemon.hand_over()
-        else:
-            daemon.shut_down()
-            await daemon.device.drain_backends()
-        nursery.cancel_scope.cancel()
+        await _shutdown(daemon, nursery)
     if not daemon.handing_over:
         daemon.backend.disconnected()
     return 0, daemon.handing_over

@@ -29,6 +29,7 @@ it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -46,6 +47,8 @@ from .pacing import LogLimiter, backoff_delays
 log = logging.getLogger("vhostser.sockets")
 
 SOCKET_MODE = 0o600  # the daemon's user only, unless the config opens it to a group
+# sockaddr_un.sun_path: a path must fit with its NUL.
+_SUN_PATH_MAX = 108
 BACKLOG = 16
 MAX_SYMLINKS = 40  # as Linux's path walk
 
@@ -186,17 +189,29 @@ def prepare_socket_path(path: str, *, group: int | None = None) -> None:
 
 async def listen_unix(path: str, mode: int = SOCKET_MODE, *,
                       group: int | None = None) -> trio.socket.SocketType:
-    """A unix stream socket listening at `path`, its file given `mode` (and `group`)."""
+    """A unix stream socket listening at `path`, its file given `mode` (and `group`).
+
+    It is bound under a temporary name beside `path`, given its mode and made to listen, and
+    only then renamed into place: nobody can connect while it still has the umask's mode, and
+    whoever sees the file finds a socket that accepts."""
     prepare_socket_path(path, group=group)
+    staged = f"{path}.{os.getpid()}.new"
+    if len(os.fsencode(staged)) >= _SUN_PATH_MAX:
+        staged = path  # no room for a longer name: bound in place
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
+        await sock.bind(staged)
         if group is not None:
-            os.chown(path, -1, group)
-        os.chmod(path, mode)
+            os.chown(staged, -1, group)
+        os.chmod(staged, mode)
         sock.listen(BACKLOG)
+        if staged != path:
+            os.rename(staged, path)
     except BaseException:
         sock.close()
+        if staged != path:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
         raise
     return sock
 
@@ -318,3 +333,23 @@ async def serve_connections(
                 continue
             active += 1
             nursery.start_soon(run, conn)
+
+def passed_unix(fd: int) -> socket.socket:
+    """The unix stream socket a parent passed as `fd` (`run --fd`, the vhost-user back-end
+    convention), listening or already connected: libvirt passes virtiofsd a listening socket,
+    its vhost-user-gpu and crosvm a connected one (SO_ACCEPTCONN tells them apart). The
+    returned socket owns `fd`; OSError/ValueError say what `fd` is instead."""
+    try:
+        sock = socket.socket(fileno=fd)  # the family and type are read from the fd itself
+    except OSError as e:
+        raise OSError(e.errno, f"--fd {fd}: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        kind = f"{sock.family.name} {sock.type.name}"
+        sock.detach()  # not ours to close: the caller passed it
+        raise ValueError(f"--fd {fd}: a {kind} socket, not a unix stream socket")
+    sock.set_inheritable(False)
+    return sock
+
+
+def is_listening(sock: socket.socket | trio.socket.SocketType) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))

@@ -56,8 +56,11 @@ def tail(text: str, lines: int = 400) -> str:
 
 
 def info_lines(log: str) -> str:
-    """The daemon's log without its per-message DEBUG lines."""
-    return "\n".join(line for line in log.splitlines() if not line.startswith("DEBUG "))
+    """The daemon's log without its per-message DEBUG lines (after the timestamp)."""
+    return "\n".join(line for line in log.splitlines() if not DEBUG_LINE.match(line))
+
+
+DEBUG_LINE = re.compile(r"(\S+ \S+ )?DEBUG ")
 
 
 def diag(g: Any, daemon: Any, what: str = "") -> str:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from .daemon_proc import guest_echo, notifications
+from .daemon_proc import notifications
+from .procs import guest_echo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +118,7 @@ def test_socket_activation_notify_ctl_reload_and_shutdown(activated: Activated) 
     r = a.ctl("ports")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].split() == ["ID", "NAME", "CONSOLE", "BACKEND", "STATE",
-                                                 "SESSION"]
+                                                 "SESSION", "ENDPOINT"]
     ports = json.loads(a.ctl("--json", "ports").stdout)
     assert [(p["id"], p["name"], p["session"]) for p in ports] == [(1, "org.test.echo", 1)]
     stats = json.loads(a.ctl("--json", "stats").stdout)

@@ -117,7 +117,8 @@ async def test_the_guest_notices_no_restart(service: Service) -> None:
         assert driver.received[controls:] == []
     print(f"restart to echo: {', '.join(f'{g * 1000:.0f} ms' for g in gaps)}")
     sessions = service.ctl("sessions")
-    assert sessions == [{"port": 1, "name": "org.test.echo", "session": 1, "state": "A"}]
+    assert sessions == [{"port": 1, "name": "org.test.echo", "session": 1, "state": "A",
+                         "state_name": "open (guest+host)", "restored": False}]
     log = service.stderr()
     assert log.count("resumed the front end's connection") == 6
     assert log.count("front end connected") == 1  # one connection, never a second
@@ -173,4 +174,5 @@ async def test_kill_mid_transfer_loses_nothing(service: Service) -> None:
             nursery.cancel_scope.cancel()
     print(f"{repeats} writes repeated over 5 kills")
     assert service.ctl("sessions") == [
-        {"port": 1, "name": "org.test.echo", "session": 1, "state": "A"}]
+        {"port": 1, "name": "org.test.echo", "session": 1, "state": "A",
+         "state_name": "open (guest+host)", "restored": False}]

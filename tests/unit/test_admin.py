@@ -130,6 +130,16 @@ async def test_status() -> None:
         assert status["sessions_open"] == 1
         assert status["needs_reset"] is False
         assert status["uptime"] >= 0
+        assert status["frontend_left"] is None  # never connected
+        assert status["status"] == 0 and status["status_bits"] == []
+        assert status["sessions_restored"] == 0
+        # The status as GET_STATUS reports it, by name; NEEDS_RESET is the device's own.
+        daemon.backend.status = 0x0F
+        daemon.backend.needs_reset = True
+        status = ok(daemon, {"cmd": "status"})
+        assert status["status"] == 0x0F
+        assert status["status_bits"] == ["ACKNOWLEDGE", "DRIVER", "FEATURES_OK", "DRIVER_OK",
+                                         "NEEDS_RESET"]
 
 
 async def test_ports() -> None:
@@ -137,14 +147,17 @@ async def test_ports() -> None:
         guest_opens(daemon, 1)
         guest_opens(daemon, 2)
         assert ok(daemon, {"cmd": "ports"}) == [
-            {"id": 0, "name": "", "console": True, "backend": "null", "state": "B",
-             "guest_open": False, "host_open": False, "guest_ready": False, "session": None},
+            {"id": 0, "name": "", "console": True, "backend": "null", "endpoint": None,
+             "state": "B", "state_name": "closed", "guest_open": False, "host_open": False,
+             "guest_ready": False, "session": None, "restored": False},
             {"id": 1, "name": "org.test.echo", "console": False, "backend": "echo",
-             "state": "A", "guest_open": True, "host_open": True, "guest_ready": True,
-             "session": 1},
+             "endpoint": None, "state": "A", "state_name": "open (guest+host)",
+             "guest_open": True, "host_open": True, "guest_ready": True, "session": 1,
+             "restored": False},
             {"id": 2, "name": "org.test.null", "console": False, "backend": "null",
-             "state": "D", "guest_open": True, "host_open": False, "guest_ready": True,
-             "session": 1},
+             "endpoint": None, "state": "D", "state_name": "guest open, no host",
+             "guest_open": True, "host_open": False, "guest_ready": True, "session": 1,
+             "restored": False},
         ]
 
 
@@ -156,8 +169,10 @@ async def test_sessions() -> None:
         guest_opens(daemon, 2)
         guest_opens(daemon, 1)
         assert ok(daemon, {"cmd": "sessions"}) == [
-            {"port": 1, "name": "org.test.echo", "session": 1, "state": "A"},
-            {"port": 2, "name": "org.test.null", "session": 2, "state": "D"},
+            {"port": 1, "name": "org.test.echo", "session": 1, "state": "A",
+             "state_name": "open (guest+host)", "restored": False},
+            {"port": 2, "name": "org.test.null", "session": 2, "state": "D",
+             "state_name": "guest open, no host", "restored": False},
         ]
 
 
@@ -261,7 +276,8 @@ async def test_close_session() -> None:
         assert ok(daemon, {"cmd": "sessions"}) == []
         port.host_attach()  # a peer comes back: a new session
         assert ok(daemon, {"cmd": "sessions"}) == [
-            {"port": 3, "name": "", "session": 2, "state": "A"}
+            {"port": 3, "name": "", "session": 2, "state": "A",
+             "state_name": "open (guest+host)", "restored": False}
         ]
 
 
@@ -319,7 +335,8 @@ async def test_readded_port_never_reuses_session_ids() -> None:
                     "port": {"id": 2, "name": "org.test.null", "backend": {"type": "null"}}})
         guest_opens(daemon, 2)
         assert ok(daemon, {"cmd": "sessions"}) == [
-            {"port": 2, "name": "org.test.null", "session": 2, "state": "D"}
+            {"port": 2, "name": "org.test.null", "session": 2, "state": "D",
+             "state_name": "guest open, no host", "restored": False}
         ]
 
 

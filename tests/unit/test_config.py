@@ -50,7 +50,8 @@ def test_embedded_default_parses(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.source == "<embedded default>"
     # A directory of this user's own, never one any user could have made first.
     assert cfg.socket == f"/tmp/vhostser-{os.geteuid()}/default.sock"
-    assert cfg.admin_socket == f"/tmp/vhostser-{os.geteuid()}/default.ctl"
+    # Not configured: `run` and `ctl` derive it from the socket (default.ctl beside it).
+    assert cfg.admin_socket is None
     assert [(p.config.id, p.config.name, p.config.console, p.backend_type) for p in cfg.ports] == [
         (0, "", True, "stdout"),
         (1, "org.vhostser.echo", False, "echo"),
@@ -67,7 +68,7 @@ def test_embedded_default_sockets_go_in_the_users_runtime_dir(
     monkeypatch.setenv("XDG_RUNTIME_DIR", '/run/user/1000 "x"')
     cfg = config.default()
     assert cfg.socket == '/run/user/1000 "x"/vhostser/default.sock'
-    assert cfg.admin_socket == '/run/user/1000 "x"/vhostser/default.ctl'
+    assert cfg.admin_socket is None  # derived from the socket: default.ctl beside it
     monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")  # not a usable runtime dir
     assert config.default().socket == f"/tmp/vhostser-{os.geteuid()}/default.sock"
 

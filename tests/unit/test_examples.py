@@ -47,3 +47,22 @@ def test_qemu_snippets_match_the_config(snippet: str) -> None:
     assert int(num_vqs) == 2 * cfg.max_ports + 2
     assert "config_size=12" in text and "virtio-id=3" in text
     assert "share=on" in text or "<access mode='shared'/>" in text
+
+
+def test_vhost_user_backend_descriptor() -> None:
+    """examples/50-vhostser-console.json, for /usr/share/qemu/vhost-user or
+    /etc/qemu/vhost-user: a VhostUserBackend of QEMU's vhost-user.json (description, type,
+    binary; tags optional), with the type --print-capabilities reports, and the binary the
+    console script pyproject.toml installs."""
+    import json
+    import tomllib
+
+    doc = json.loads((EXAMPLES / "50-vhostser-console.json").read_text())
+    assert set(doc) == {"description", "type", "binary"}
+    r = subprocess.run([sys.executable, "-m", "vhostser", "--print-capabilities"],
+                       capture_output=True, text=True, timeout=60)
+    assert doc["type"] == json.loads(r.stdout)["type"] == "console"
+    scripts = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text())["project"][
+        "scripts"]
+    name = Path(doc["binary"]).name
+    assert scripts[name] == "vhostser.cli:backend_main"

@@ -103,6 +103,12 @@ class ConsoleBackend(ConfigurableBackend):
     def _label(self) -> str:
         return f"port {self.port.id} {self.port.name!r}"
 
+    def endpoint_info(self) -> dict[str, object]:
+        return {"kind": "console", "path": self.endpoint.path if self.endpoint else None,
+                "log": self.sink.path if self.sink else None,
+                "readers": sum(r.live for r in self.readers),
+                "scrollback": len(self.scrollback)}
+
     # ------------------------------------------------------------------ guest output
 
     def guest_data(self, data: bytes) -> bool:

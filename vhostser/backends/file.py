@@ -260,6 +260,9 @@ class FileBackend(ConfigurableBackend):
     def path(self) -> str:
         return self.sink.path
 
+    def endpoint_info(self) -> dict[str, object]:
+        return {"kind": "file", "path": self.path}
+
     def _label(self) -> str:
         return f"port {self.port.id} {self.port.name!r}"
 

@@ -93,6 +93,10 @@ class Endpoint(Protocol):
 
     def describe(self) -> str: ...
 
+    def info(self, address: Any) -> dict[str, object]:
+        """`endpoint_info`'s address part; `address` is the bound one, once listening."""
+        ...
+
     async def listen(self) -> trio.socket.SocketType: ...
 
     async def connect(self) -> trio.socket.SocketType: ...
@@ -287,6 +291,11 @@ class PeerBackend(ConfigurableBackend):
 
     def _live(self) -> list[Peer]:
         return [p for p in self.peers if p.live]
+
+    def endpoint_info(self) -> dict[str, object]:
+        return {**self.endpoint.info(self.address), "role": self.opts.role,
+                "mode": self.opts.mode, "peers": len(self._live()),
+                "max_peers": self.opts.max_peers}
 
     # ------------------------------------------------------------------ port callbacks
 

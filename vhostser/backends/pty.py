@@ -107,6 +107,9 @@ class PtyBackend(ConfigurableBackend):
     def _label(self) -> str:
         return f"port {self.port.id} {self.port.name!r}"
 
+    def endpoint_info(self) -> dict[str, object]:
+        return {"kind": "pty", "path": self.path, "link": self.link}
+
     def guest_data(self, data: bytes) -> bool:
         if self._master < 0 or (self._out and len(self._out) + len(data) > self.limit):
             self._blocked = len(data)

@@ -101,6 +101,11 @@ class TcpEndpoint:
         where = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp:{where}:{self.port}" + (f" (netns {self.netns})" if self.netns else "")
 
+    def info(self, address: Any = None) -> dict[str, object]:
+        # The bound port once listening (`port = 0` picks one).
+        port = address[1] if address else self.port
+        return {"kind": "tcp", "host": self.host, "port": port, "netns": self.netns}
+
     async def _resolve(self, passive: bool) -> tuple[int, Any]:
         flags = socket.AI_PASSIVE if passive else 0
         infos = await trio.socket.getaddrinfo(

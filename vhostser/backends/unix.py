@@ -42,6 +42,9 @@ class UnixEndpoint:
     def describe(self) -> str:
         return f"unix:{self.path}"
 
+    def info(self, address: object = None) -> dict[str, object]:
+        return {"kind": "unix", "path": self.path}
+
     async def listen(self) -> trio.socket.SocketType:
         sock = await listen_unix(self.path, self.mode)
         try:

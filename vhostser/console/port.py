@@ -68,6 +68,12 @@ class PortBackend:
     def reopen(self) -> None:
         """The daemon was asked to reload (SIGHUP): reopen files (log rotation)."""
 
+    def endpoint_info(self) -> dict[str, object] | None:
+        """Where a host user reaches this backend (`ctl ports`, `vhostser attach`): a dict
+        with a "kind" ("unix", "tcp", "console", "pty", "file") and its address; None for a
+        backend nothing on the host attaches to."""
+        return None
+
     def problems(self) -> list[str]:
         """What can be seen before `run` that will make the backend drop bytes or fail (a
         missing log directory...), one message each, for `vhostser check`: warnings, since

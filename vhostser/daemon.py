@@ -354,6 +354,7 @@ class Daemon:
             "max_ports": self.cfg.max_ports,
             "ports": len(self.device.ports),
             "sessions_open": sum(1 for p in self.device.ports.values() if p.session),
+            "fd_store": self.store.stored,  # what systemd should hold for us (0: no store)
         }
 
     def ports(self) -> list[dict[str, Any]]:

@@ -500,6 +500,7 @@ class Daemon:
             "ports": len(self.device.ports),
             "sessions_open": sum(1 for p in self.device.ports.values() if p.session),
             "sessions_restored": sum(1 for pid in self.device.ports if self._restored(pid)),
+            "fd_store": self.store.stored,  # what systemd should hold for us (0: no store)
         }
 
     def _restored(self, pid: int) -> bool:

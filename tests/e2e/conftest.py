@@ -1,7 +1,7 @@
 """The e2e tier: real QEMU 11 and a real Linux guest from ../shared/e2e against the daemon.
 
-The rig is provisioned by `../shared/e2e/setup.sh` (bin/run-tests and .ci/run call it). Where
-it truly cannot run (no rig directory, or its QEMU is missing), tests skip with the reason.
+The rig is provisioned by `../shared/e2e/setup.sh` (bin/run-tests and .ci/run call it); the
+`rig` fixture (tests/conftest.py) skips with the reason where it truly cannot run.
 """
 
 from __future__ import annotations
@@ -17,25 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RIG_DIR = Path(os.environ.get("VHOSTSER_E2E_RIG", ROOT.parent / "shared" / "e2e"))
 GUEST_TESTS = ROOT / "tests" / "guest"
-
-
-def _rig():  # type: ignore[no-untyped-def]
-    if not (RIG_DIR / "rig.py").exists():
-        pytest.skip(f"e2e rig not found at {RIG_DIR} (set VHOSTSER_E2E_RIG)")
-    sys.path.insert(0, str(RIG_DIR))
-    import rig  # type: ignore[import-not-found]
-
-    qemu = rig.qemu_binary()
-    if not os.path.exists(qemu):
-        pytest.skip(f"{qemu} missing: run {RIG_DIR}/setup.sh")
-    return rig
-
-
-@pytest.fixture(scope="session")
-def rig():  # type: ignore[no-untyped-def]
-    return _rig()
 
 
 # A VM config for the e2e tier: {tmp} is replaced by the test's directory.

@@ -119,6 +119,10 @@ async def test_the_guest_notices_no_restart(service: Service) -> None:
     sessions = service.ctl("sessions")
     assert sessions == [{"port": 1, "name": "org.test.echo", "session": 1, "state": "A",
                          "state_name": "open (guest+host)", "restored": False}]
+    # The daemon's own count of what the store holds (what tests/systemd compares with
+    # systemd's NFileDescriptorStore).
+    status = service.ctl("status")
+    assert isinstance(status, dict) and status["fd_store"] == len(service.manager.names())
     log = service.stderr()
     assert log.count("resumed the front end's connection") == 6
     assert log.count("front end connected") == 1  # one connection, never a second

@@ -28,7 +28,7 @@ def test_units_verify_clean(tmp_path: Path) -> None:
         text = (UNITS / unit).read_text()
         # The units name the installed path; verify against where this checkout installed it.
         (tmp_path / unit.replace("@", "@web1")).write_text(
-            text.replace("/usr/local/bin/vhostser", binary)
+            text.replace("/opt/vhostser/bin/vhostser", binary)
         )
     r = subprocess.run(
         [analyze, "verify", "--man=no", "vhostser@web1.service", "vhostser@web1.socket"],

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 __all__ = ["BURST", "INTERVAL", "RateLimiter"]
@@ -53,11 +53,12 @@ class RateLimiter:
         self.burst = burst
         self.interval = interval
         self._clock = clock
-        self._windows: dict[str, _Window] = {}
+        self._windows: dict[Hashable, _Window] = {}
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> bool:
+    def log(self, level: int, key: Hashable, msg: str, *args: object,
+            exc_info: BaseException | None = None) -> bool:
         """Log `msg % args` at `level` unless `key` used up its lines; True if logged."""
-        return self._log(level, key, msg, args)
+        return self._log(level, key, msg, args, exc_info)
 
     def warning(self, key: str, msg: str, *args: object) -> bool:
         return self._log(logging.WARNING, key, msg, args)
@@ -68,7 +69,8 @@ class RateLimiter:
     def info(self, key: str, msg: str, *args: object) -> bool:
         return self._log(logging.INFO, key, msg, args)
 
-    def _log(self, level: int, key: str, msg: str, args: tuple[object, ...]) -> bool:
+    def _log(self, level: int, key: Hashable, msg: str, args: tuple[object, ...],
+             exc_info: BaseException | None = None) -> bool:
         now = self._clock()
         window = self._windows.get(key)
         if window is None or now - window.start >= self.interval:
@@ -81,5 +83,5 @@ class RateLimiter:
             return False
         window.logged += 1
         # The caller's file and line in the record, not this module's.
-        self.logger.log(level, msg, *args, stacklevel=3)
+        self.logger.log(level, msg, *args, exc_info=exc_info, stacklevel=3)
         return True

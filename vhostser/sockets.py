@@ -42,7 +42,8 @@ from pathlib import PurePosixPath
 
 import trio
 
-from .pacing import LogLimiter, backoff_delays
+from .logs import RateLimiter
+from .pacing import backoff_delays
 
 log = logging.getLogger("vhostser.sockets")
 
@@ -58,7 +59,7 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
 ACCEPT_BACKOFF = (0.05, 1.0)  # seconds: first and longest wait while accept() lacks fds
 
-_log_limit = LogLimiter()
+_log_limit = RateLimiter(log, burst=1, interval=10.0)
 
 
 class SocketPathError(OSError):
@@ -280,7 +281,7 @@ async def accept_connection(
                 raise
             counters.accept_errors += 1
             delay = next(delays)
-            _log_limit.log(log, logging.ERROR, (label, "accept"),
+            _log_limit.log(logging.ERROR, (label, "accept"),
                            "%s: accept failed: %s (%d times so far; retrying in %.2f s)",
                            label, e.strerror, counters.accept_errors, delay)
             await trio.sleep(delay)
@@ -290,7 +291,7 @@ async def accept_connection(
             pid, uid, gid = peer_credentials(conn)
             if not policy.permits(uid, gid):
                 counters.refused_peer += 1
-                _log_limit.log(log, logging.WARNING, (label, "peer"),
+                _log_limit.log(logging.WARNING, (label, "peer"),
                                "%s: refused a connection from uid %d gid %d (pid %d): not "
                                "this user nor in allow_uids/allow_gids", label, uid, gid, pid)
                 conn.close()
@@ -325,7 +326,7 @@ async def serve_connections(
             conn = await accept_connection(listener, label, counters, policy)
             if active >= max_connections:
                 counters.refused_busy += 1
-                _log_limit.log(log, logging.WARNING, (label, "busy"),
+                _log_limit.log(logging.WARNING, (label, "busy"),
                                "%s: connection refused: %d connections open, the most it "
                                "serves at once (%d refused so far)", label, active,
                                counters.refused_busy)

@@ -18,7 +18,8 @@ _ABOVE_BACKENDS = ("vhostser.config", "vhostser.daemon", "vhostser.admin", "vhos
                    "vhostser.cli")
 
 # The leaf helpers every layer may use; they import nothing of vhostser but each other.
-LEAVES = ("vhostser.fds", "vhostser.options", "vhostser.pacing", "vhostser.sockets")
+LEAVES = ("vhostser.fds", "vhostser.logs", "vhostser.options", "vhostser.pacing",
+          "vhostser.sockets")
 
 # (importers, forbidden): no module in `importers` imports a module in `forbidden`.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [

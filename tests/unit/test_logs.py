@@ -74,3 +74,33 @@ def test_the_record_points_at_the_caller(caplog: pytest.LogCaptureFixture) -> No
 def test_a_limit_that_would_log_nothing_is_refused(burst: int, interval: float) -> None:
     with pytest.raises(ValueError):
         RateLimiter(log, burst=burst, interval=interval)
+
+
+def test_one_line_per_interval_with_a_burst_of_one(caplog: pytest.LogCaptureFixture) -> None:
+    """As the accept loops and backend failures use it: one line per key per interval, then
+    the count of what was held back, at the next line's level."""
+    now = [100.0]
+    log = logging.getLogger("tests.logs.burst1")
+    limiter = RateLimiter(log, burst=1, interval=10.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "tests.logs.burst1")
+    assert limiter.log(logging.ERROR, "a", "accept failed: %s", "EMFILE")
+    assert not limiter.log(logging.ERROR, "a", "accept failed: %s", "EMFILE")
+    now[0] += 9.9
+    assert not limiter.log(logging.ERROR, "a", "accept failed: %s", "EMFILE")
+    assert limiter.log(logging.ERROR, ("b", 1), "another key")  # keys are separate
+    now[0] += 0.1
+    assert limiter.log(logging.WARNING, "a", "accept failed: %s", "ENFILE")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, "accept failed: EMFILE"),
+        (logging.ERROR, "another key"),
+        (logging.WARNING, "a: 2 similar messages suppressed in 10 s"),
+        (logging.WARNING, "accept failed: ENFILE"),
+    ]
+
+
+def test_the_exception_goes_with_the_line(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = RateLimiter(logging.getLogger("tests.logs.exc"))
+    error = BrokenPipeError(32, "Broken pipe")
+    limiter.log(logging.ERROR, 1, "backend failed", exc_info=error)
+    (record,) = [r for r in caplog.records if r.name == "tests.logs.exc"]
+    assert record.exc_info is not None and record.exc_info[1] is error

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import trio
 
-from ..pacing import BACKOFF_MAX, LogLimiter, backoff_delays
+from ..logs import RateLimiter
+from ..pacing import BACKOFF_MAX, backoff_delays
 from ..vhost_user.runner import VringRunner
 from ..vhost_user.vring import Vring
 from .core import (
@@ -101,7 +102,7 @@ class ConsoleDevice:
         self.core = ConsoleCore(state, self._deliver, resumed=resume is not None)
         self.ports: dict[int, Port] = {}
         self._keepers: dict[int, _Keeper] = {}
-        self._failure_log = LogLimiter()
+        self._failure_log = RateLimiter(log, burst=1, interval=10.0)
         self._runners: dict[int, tuple[trio.CancelScope, VringRunner]] = {}
         # Called when the device itself cannot go on (a broken control queue): NEEDS_RESET.
         self.on_broken: Callable[[Vring | None, str], None] = lambda vring, reason: None
@@ -239,7 +240,7 @@ class ConsoleDevice:
         keeper = self._keepers.get(port.id)
         current = keeper is not None and keeper.port is port and not port.removed
         self._failure_log.log(
-            log, logging.ERROR, port.id,
+            logging.ERROR, port.id,
             "port %d %r: backend %r failed in %s (failure %d on this port)%s", port.id,
             port.name, port.backend, call, port.counters.backend_failures,
             "; its host side is detached and a new backend starts" if current else "",

@@ -154,6 +154,16 @@ def prometheus(daemon: Daemon) -> str:
     metric("port_discarded_bytes_total", "counter", "Bytes dropped, by reason.",
            [({"port": pid, "name": p.name, "reason": r}, v) for pid, p in ports
             for r, v in sorted(p.counters.discarded.items())])
+    ledgers = [(pid, p, daemon.device.state.ports[pid].ledger()) for pid, p in ports]
+    metric("port_ledger_bytes", "gauge",
+           "Every byte of a port, by direction: accepted = delivered + dropped + pending.",
+           [({"port": pid, "name": p.name, "direction": d, "entry": e},
+             sum(led[d][e].values()) if e == "dropped" else led[d][e])
+            for pid, p, led in ledgers for d in ("to_guest", "from_guest")
+            for e in ("accepted", "delivered", "dropped", "pending")])
+    metric("port_ledger_balanced", "gauge", "1 when the port's ledger balances, by direction.",
+           [({"port": pid, "name": p.name, "direction": d}, int(led[d]["balanced"]))
+            for pid, p, led in ledgers for d in ("to_guest", "from_guest")])
     metric("port_sessions_opened_total", "counter", "Sessions opened.",
            [({"port": pid, "name": p.name}, p.counters.sessions_opened) for pid, p in ports])
     metric("port_resets_total", "counter", "Device resets seen by the port.",

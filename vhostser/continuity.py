@@ -53,8 +53,8 @@ class RequestKind(enum.IntEnum):
     NONE = 0
     RECEIVED = 1  # a request was being handled (its bytes follow)
     RECEIVED_WITH_FDS = 2  # the same, but its fds went with the process
-    REPLY = 3  # the reply that follows was being sent
-    REPLIED = 4
+    REPLY = 3  # the reply that follows is due (not yet written)
+    REPLIED = 4  # its reply is written (the mark comes just before the write)
 
 
 @dataclass(frozen=True, slots=True)

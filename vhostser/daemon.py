@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from . import state as state_mod
+from . import systemd
 from .config import PortSpec, VMConfig
 from .console import ConsoleDevice, DeviceState, Port, PortConfig, PortState
 from .console.session import Input, State
@@ -104,6 +105,7 @@ class Daemon:
         self.store = store if store is not None else FdStore(enabled=False)
         self.region = region
         self.handing_over = False  # the state is final: nothing more goes to store or region
+        self._store_changed = False  # an fd went into or out of the store since the barrier
         self.resumed = resume is not None
         self.device = ConsoleDevice(
             nursery, max_ports=cfg.max_ports, cols=cfg.cols, rows=cfg.rows,
@@ -278,6 +280,7 @@ class Daemon:
     def _custody(self, name: str, fd: int | None) -> None:
         if self.handing_over:
             return  # the fds stay in the store for the successor
+        self._store_changed = True
         if fd is None:
             self.store.release(name)
         else:
@@ -328,6 +331,14 @@ class Daemon:
         generation = self.checkpoint()
         if reply is not None and self.region is not None and not self.handing_over:
             self.region.record_request(RequestKind.REPLY, reply, generation)
+
+    async def durable(self) -> None:
+        """The front end may act on the reply (and kill us) at once: an fd handed to the store
+        must be in it first. A notification barrier says the manager has handled every
+        FDSTORE/FDSTOREREMOVE sent so far (it may drop those of a process that died)."""
+        if self._store_changed and self.store.enabled and not self.handing_over:
+            self._store_changed = False
+            await systemd.notify_barrier()
 
     def replied(self) -> None:
         if self.region is not None and not self.handing_over:
@@ -540,6 +551,7 @@ class Daemon:
         ports = {}
         for pid, port in sorted(self.device.ports.items()):
             entry = port.counters.as_dict()
+            entry["ledger"] = self.device.state.ports[pid].ledger()
             if backend_counters := self.device.backend_counters(pid):
                 entry["backend"] = dict(backend_counters)
             ports[str(pid)] = entry

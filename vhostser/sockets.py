@@ -199,9 +199,12 @@ async def listen_unix(path: str, mode: int = SOCKET_MODE, *,
     staged = f"{path}.{os.getpid()}.new"
     if len(os.fsencode(staged)) >= _SUN_PATH_MAX:
         staged = path  # no room for a longer name: bound in place
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound here, not in a worker thread as trio's bind would: a unix bind is one quick
+    # syscall, and a thread would let a test's mock clock run ahead while it runs.
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = trio.socket.from_stdlib_socket(plain)
     try:
-        await sock.bind(staged)
+        plain.bind(staged)
         if group is not None:
             os.chown(staged, -1, group)
         os.chmod(staged, mode)

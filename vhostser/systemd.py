@@ -61,6 +61,32 @@ def notify(*lines: str, fds: Sequence[int] = ()) -> bool:
         return False
 
 
+async def notify_barrier(timeout: float = NOTIFY_TIMEOUT) -> bool:
+    """Wait until the service manager has handled every notification sent before
+    (BARRIER=1, as sd_notify_barrier: it closes the pipe end it gets once it has); False if
+    it did not within `timeout` (or there is no manager)."""
+    import trio  # the rest of this module is synchronous and needs no trio
+
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        sent = notify("BARRIER=1", fds=[w])
+        os.close(w)
+        w = -1
+        if not sent:
+            return False
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(r)  # EOF: every copy of the write end is closed
+            return True
+        log.warning("the service manager did not confirm a notification barrier in %.0f s",
+                    timeout)
+        return False
+    finally:
+        if w >= 0:
+            os.close(w)
+        trio.lowlevel.notify_closing(r)
+        os.close(r)
+
+
 def fd_store_available() -> bool:
     """Whether the service manager keeps fds for us: systemd ≥ 254 says so in $FDSTORE (its
     FileDescriptorStoreMax=); older ones do not, so the unit says it (VHOSTSER_FDSTORE=1)."""

@@ -81,6 +81,7 @@ def test_stdout_backend_whose_reader_went_away_affects_only_its_port(tmp_path: P
         assert backend["bytes_written"] + backend["bytes_dropped"] == written
         assert backend["bytes_dropped"] > 0
         assert console["backend_failures"] == stats["device"]["backend_failures"] == 0
+        assert console["ledger"]["from_guest"]["balanced"], console["ledger"]
         assert stats["ports"]["1"]["backend_failures"] == 0
         assert d.stop() == 0
 

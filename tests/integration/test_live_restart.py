@@ -230,6 +230,10 @@ def test_any_traffic_script_survives_any_kills(script: list[tuple[str, int]]) ->
     service = Service(tmp)
     try:
         trio.run(_run_script, service, script)
+    except BaseException:
+        if os.environ.get("LIVE_DEBUG"):
+            print(service.stderr()[-20000:])
+        raise
     finally:
         service.manager.close()
         service.listener.close()

@@ -104,6 +104,12 @@ async def test_a_running_device_moves_to_another_daemon(tmp_path: Path) -> None:
                 frames = await dest_peer.frames_until(5)
                 assert frames[-2:] == [Open(2, "org.test.framed"), Data(2, b"again")]
                 nursery.cancel_scope.cancel()
+        # Every byte accounted on both daemons, both ways (the destination's ledger starts
+        # from what it adopted).
+        for d in (src, dst):
+            for port in d.ctl_json("stats")["ports"].values():
+                ledger = port["ledger"]
+                assert ledger["to_guest"]["balanced"] and ledger["from_guest"]["balanced"], ledger
         sessions = dst.ctl_json("sessions")
         assert [(s["port"], s["session"]) for s in sessions] == [(1, 1), (2, 2)]
         assert "device state adopted from a migration source" in dst.stderr()

@@ -411,6 +411,7 @@ async def test_metrics_parse_line_by_line() -> None:
             "vhostser_port_bytes_total", "vhostser_port_buffers_total",
             "vhostser_port_discarded_bytes_total", "vhostser_port_sessions_opened_total",
             "vhostser_port_resets_total", "vhostser_port_backend_failures_total",
+            "vhostser_port_ledger_bytes", "vhostser_port_ledger_balanced",
             "vhostser_control_messages_total", "vhostser_bad_control_messages_total",
             "vhostser_listener_connections_total", "vhostser_listener_accept_errors_total",
         }
@@ -428,6 +429,12 @@ async def test_metrics_parse_line_by_line() -> None:
         assert fams["vhostser_port_discarded_bytes_total"]["samples"] == [
             ({"vm": "t1", "port": "2", "name": "org.test.null", "reason": "guest-closed"}, 2.0)
         ]
+        # Every byte of every port accounted, both ways.
+        assert {s[1] for s in fams["vhostser_port_ledger_balanced"]["samples"]} == {1.0}
+        ledger = {(s[0]["port"], s[0]["direction"], s[0]["entry"]): s[1]
+                  for s in fams["vhostser_port_ledger_bytes"]["samples"]}
+        assert ledger[("2", "to_guest", "accepted")] == ledger[("2", "to_guest", "dropped")] == 2
+        assert ledger[("1", "from_guest", "accepted")] == 3
         resets = {s[0]["port"]: s[1] for s in fams["vhostser_port_resets_total"]["samples"]}
         assert resets == {"0": 1.0, "1": 1.0, "2": 1.0}
         assert fams["vhostser_bad_control_messages_total"]["samples"] == [({"vm": "t1"}, 0.0)]

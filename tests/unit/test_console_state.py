@@ -57,6 +57,9 @@ def do(guest: PortGuest, ops: list[tuple[str, Any]]) -> None:
 @given(OPS)
 def test_round_trip_after_any_traffic(ops: list[tuple[str, Any]]) -> None:
     state = run(ops).core.state
+    for port in state.ports.values():  # every byte accounted, after any traffic
+        ledger = port.ledger()
+        assert ledger["to_guest"]["balanced"] and ledger["from_guest"]["balanced"], ledger
     doc = state.to_dict()
     again = DeviceState.from_dict(json.loads(json.dumps(doc)))
     assert again == state

@@ -262,6 +262,8 @@ def test_no_ring_or_message_breaks_the_core(actions: list[Any]) -> None:
         except RingError:
             broken.add(index)
         DeviceState.from_dict(m.core.state.to_dict())
+        ledger = m.core.state.ports[1].ledger()
+        assert ledger["to_guest"]["balanced"] and ledger["from_guest"]["balanced"], ledger
     assert m.core.state.ports[1].session in tuple(State)
 
 

@@ -92,7 +92,13 @@ def test_counters_as_dict() -> None:
     assert set(d) == {
         "bytes_to_guest", "buffers_to_guest", "bytes_from_guest", "buffers_from_guest",
         "sessions_opened", "resets_seen", "redundant_events", "backend_failures", "discarded",
+        "bytes_from_host", "bytes_guest_wrote", "dropped_to_guest", "dropped_from_guest",
     }
+    c.drop("to_guest", "stale", 2)
+    c.drop("from_guest", "no-host", 1)
+    d = c.as_dict()
+    assert d["discarded"] == {"stale": 5, "no-host": 1}
+    assert (d["dropped_to_guest"], d["dropped_from_guest"]) == ({"stale": 2}, {"no-host": 1})
 
 
 def test_session_carries_port_and_name() -> None:

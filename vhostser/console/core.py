@@ -291,7 +291,7 @@ class ConsoleCore:
             else:
                 port.session = State.C if host else State.B
             if port.session_id is not None:
-                port.staging.append(theirs.staging.data())
+                port.counters.bytes_from_host += port.staging.append(theirs.staging.data())
                 session = port.current_session
                 assert session is not None
                 self._outputs.append(SessionOpened(pid, session))
@@ -336,12 +336,15 @@ class ConsoleCore:
         port = self.state.ports[port_id]
         if not port.session.in_session:
             reason = "no-session" if port.session.guest_open else "guest-closed"
-            port.counters.discarded[reason] += len(data)
+            port.counters.bytes_from_host += len(data)
+            port.counters.drop("to_guest", reason, len(data))
             return len(data)
         if session is not None and session != port.current_session:
-            port.counters.discarded["stale"] += len(data)
+            port.counters.bytes_from_host += len(data)
+            port.counters.drop("to_guest", "stale", len(data))
             return len(data)
         taken = min(self.staging_room(port_id), len(data))
+        port.counters.bytes_from_host += taken
         if taken > 0:
             port.staging.append(data[:taken])
             self._outputs.append(Wake(rx_queue(port_id)))
@@ -382,7 +385,8 @@ class ConsoleCore:
                                 "dropped", data[0])
         elif not self.guest_bytes(0, bytes([data[0]])):
             # Nothing may wait here (there is no chain to hold): what cannot be taken is lost.
-            port.counters.discarded["no-host"] += 1
+            port.counters.bytes_guest_wrote += 1
+            port.counters.drop("from_guest", "no-host", 1)
 
     def resume_done(self) -> None:
         """Every ring the predecessor ran is running again."""
@@ -664,7 +668,8 @@ class ConsoleCore:
             return False
         if chain.readable_len > MAX_TX_CHAIN_BYTES:
             self._count_bad_chain("tx-too-long")
-            port.counters.discarded["too-long"] += chain.readable_len
+            port.counters.bytes_guest_wrote += chain.readable_len
+            port.counters.drop("from_guest", "too-long", chain.readable_len)
             self._limit.warning(f"vring {index}: long tx chains",
                                 "vring %d (port %d): tx chain %d of %d bytes (> %d) dropped "
                                 "unread", index, port_id, chain.head, chain.readable_len,
@@ -696,7 +701,8 @@ class ConsoleCore:
         waits for the device to consume PORT_OPEN(0), so nothing of a later open is there."""
         dropped = 0
         while (chain := self._pop(index, ring)) is not None:
-            port.counters.discarded["stale"] += chain.readable_len
+            port.counters.bytes_guest_wrote += chain.readable_len
+            port.counters.drop("from_guest", "stale", chain.readable_len)
             dropped += chain.readable_len
             ring.push(chain.head, 0)
         if dropped:
@@ -712,7 +718,8 @@ class ConsoleCore:
         chain, data = held
         port = self.state.ports.get(port_id)
         if port is not None:
-            port.counters.discarded[reason] += len(data)
+            port.counters.bytes_guest_wrote += len(data)
+            port.counters.drop("from_guest", reason, len(data))
         else:
             self.state.counters.bytes_on_missing_ports += len(data)
         self._limit.info(f"port {port_id}: held bytes dropped",
@@ -818,7 +825,7 @@ class ConsoleCore:
     def _discard_staging(self, port: PortState, reason: str) -> None:
         if port.staging:
             dropped = port.staging.clear()
-            port.counters.discarded[reason] += dropped
+            port.counters.drop("to_guest", reason, dropped)
             self._limit.info(f"port {port.config.id}: staged bytes dropped",
                              "port %d: %d queued bytes dropped (%s)", port.config.id,
                              dropped, reason)
@@ -841,7 +848,8 @@ class ConsoleCore:
             # output is delivered also outside a session: Linux's hvc writes (the replayed
             # kernel log) before the driver sends PORT_OPEN for the console port.
             if not self._deliver(port.config.id, data):
-                port.counters.discarded["console-overflow"] += len(data)
+                port.counters.bytes_guest_wrote += len(data)
+                port.counters.drop("from_guest", "console-overflow", len(data))
                 return True
         elif port.session is State.A:
             if not self._deliver(port.config.id, data):
@@ -850,8 +858,10 @@ class ConsoleCore:
             return False
         else:
             reason = "no-host" if port.session is State.D else "no-session"
-            port.counters.discarded[reason] += len(data)
+            port.counters.bytes_guest_wrote += len(data)
+            port.counters.drop("from_guest", reason, len(data))
             return True
+        port.counters.bytes_guest_wrote += len(data)
         port.counters.bytes_from_guest += len(data)
         port.counters.buffers_from_guest += 1
         return True

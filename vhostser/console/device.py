@@ -322,7 +322,7 @@ class ConsoleDevice:
         # The backend raised on these bytes, or a console's backend is down (a console never
         # holds the guest): dropped and counted, and the chain completed.
         counters = port.counters
-        counters.discarded["backend-failed"] += len(data)
+        counters.drop("from_guest", "backend-failed", len(data))
         # The core counts what it is told was taken as delivered; these bytes were not.
         counters.bytes_from_guest -= len(data)
         counters.buffers_from_guest -= 1

@@ -25,6 +25,8 @@ from .session import State
 from .staging import Staging
 
 GuestWritePolicy = Literal["hold", "discard"]
+Direction = Literal["to_guest", "from_guest"]
+_COUNTS_BY_REASON = ("discarded", "bad_chains", "dropped_to_guest", "dropped_from_guest")
 DEFAULT_STAGING = 64 * 1024
 MAX_PORTS = 31  # virtio-console's multiport limit as QEMU's num_vqs allows (2 * 31 + 2)
 VERSION = 1
@@ -74,11 +76,21 @@ class PortCounters:
     # MAX_TX_CHAIN_BYTES, completed unread), backend-failed (the backend raised taking them,
     # or a console's backend was down)
     discarded: Counter[str] = field(default_factory=Counter)
+    # The ledger, per direction (see `ledger`): what the port took in, what it dropped.
+    bytes_from_host: int = 0  # host bytes accepted: staged, or dropped at once
+    bytes_guest_wrote: int = 0  # guest bytes of every tx chain completed
+    dropped_to_guest: Counter[str] = field(default_factory=Counter)
+    dropped_from_guest: Counter[str] = field(default_factory=Counter)
+
+    def drop(self, direction: Direction, reason: str, n: int) -> None:
+        """`n` bytes going `direction` dropped for `reason` (counted both ways: by reason
+        as ever, and in the direction's ledger)."""
+        self.discarded[reason] += n
+        (self.dropped_to_guest if direction == "to_guest" else self.dropped_from_guest)[
+            reason] += n
 
     def as_dict(self) -> dict[str, object]:
-        d = {k: v for k, v in vars(self).items() if k != "discarded"}
-        d["discarded"] = dict(self.discarded)
-        return d
+        return {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
 
 
 @dataclass
@@ -99,6 +111,24 @@ class PortState:
     def guest_ready(self) -> bool:
         """The guest answered DEVICE_ADD with PORT_READY(1)."""
         return self.announce is Announce.READY
+
+    def ledger(self) -> dict[str, dict[str, Any]]:
+        """Every byte accounted, per direction: what came in is what went out, was dropped
+        (by reason) or is still on its way."""
+        c = self.counters
+
+        def entry(accepted: int, delivered: int, dropped: Counter[str],
+                  pending: int) -> dict[str, Any]:
+            return {"accepted": accepted, "delivered": delivered, "dropped": dict(dropped),
+                    "pending": pending,
+                    "balanced": accepted == delivered + sum(dropped.values()) + pending}
+
+        return {
+            "to_guest": entry(c.bytes_from_host, c.bytes_to_guest, c.dropped_to_guest,
+                              len(self.staging)),
+            "from_guest": entry(c.bytes_guest_wrote, c.bytes_from_guest,
+                                c.dropped_from_guest, 0),
+        }
 
     @property
     def current_session(self) -> Session | None:
@@ -247,12 +277,12 @@ def _counters(cls: type[Any], doc: dict[str, Any], where: str) -> Any:
         raise StateError(f"device state: {where}: unknown counters {sorted(set(doc) - known)}")
     out = cls()
     for key, value in doc.items():
-        if key in ("discarded", "bad_chains"):
+        if key in _COUNTS_BY_REASON:
             if not isinstance(value, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) for k, v in value.items()
             ):
                 raise StateError(f"device state: {where}: {key}: expected counts by reason")
-            setattr(out, key, Counter(value) if key == "discarded" else dict(value))
+            setattr(out, key, dict(value) if key == "bad_chains" else Counter(value))
         elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             setattr(out, key, value)
         else:

@@ -4,7 +4,8 @@ systemd tier's).
 
 It listens on a NOTIFY_SOCKET and keeps an fd store as systemd 252 does — FDSTORE=1 with
 FDNAME= adds the datagram's fds unless the same open file is stored already (systemd
-dedups), FDSTOREREMOVE=1 drops every fd of that name — and starts the service the way
+dedups), FDSTOREREMOVE=1 drops every fd of that name, BARRIER=1 is answered by closing its
+fd once everything before it is handled — and starts the service the way
 systemd does: the socket unit's fds first, then the store's, on fds 3.. with LISTEN_FDS,
 LISTEN_FDNAMES and LISTEN_PID set to the service's own pid.
 """
@@ -77,6 +78,8 @@ class ServiceManager:
                 self.store = [(n, fd) for n, fd in self.store if n != name]
             if fields.get("READY") == "1":
                 self._ready.set()
+            # BARRIER=1 (sd_notify_barrier): every message before it is handled once its fd
+            # is closed, which happens below with any other fd the message carried.
         for fd in fds:
             os.close(fd)
 

@@ -406,7 +406,15 @@ class VhostUserBackend:
             v.enabled = bool(d["enabled"])
             v.addr = None if d["addr"] is None else VringAddr(v.index, *map(int, d["addr"]))
             for which in ("kick", "call", "err"):
-                setattr(v, f"{which}_fd", need(v.fd_name(which)) if d[which] else None)
+                kept = fd_of(v.fd_name(which)) if d[which] else None
+                if d[which] and kept is None:
+                    # The manager lost it (a process killed just after handing it over):
+                    # without a kick the ring waits for the front end's next start; without
+                    # a call or err the guest is not interrupted until then.
+                    log.error("vring %d: its %s eventfd is not in the store", v.index, which)
+                    if which == "kick" and d["started"]:
+                        d = {**d, "started": False}
+                setattr(v, f"{which}_fd", kept)
             if d["started"]:
                 running.append(v)
         for v in running:

@@ -78,8 +78,11 @@ class Journal(Protocol):
     def handled(self, reply: bytes | None) -> None:
         """It was handled; `reply` is about to be sent."""
 
+    async def durable(self) -> None:
+        """Return once what the handling changed outlives the process (before the reply)."""
+
     def replied(self) -> None:
-        """The reply went out."""
+        """The reply goes out now (told just before it is written: see `_send_reply`)."""
 
 
 async def serve_connection(
@@ -106,20 +109,42 @@ async def serve_connection(
             outcome = backend.receive(header, body, fds)
             if journal is not None:
                 journal.handled(outcome.reply)
+                await journal.durable()
             if outcome.reply is not None:
                 try:
-                    await sock.send(outcome.reply)
+                    await _send_reply(sock, outcome.reply, journal)
                 except OSError as e:
                     log.warning("front-end connection failed sending a reply: %s", e)
                     return
-                if journal is not None:
-                    journal.replied()
             if outcome.transfer is not None:
                 await _carry_out(outcome.transfer, backend)
             if outcome.close:
                 return
     finally:
         backend.disconnected()
+
+
+async def _send_reply(sock: trio.socket.SocketType, reply: bytes,
+                      journal: Journal | None) -> None:
+    """Tell the journal, then send the reply, with no scheduling point between the two.
+
+    The journal hears it first: the front end may act on a reply the moment it is written
+    (the write can wake it before this process runs again — a test, or a manager, may kill
+    us then), and a successor must never send a reply the front end already has: a stray
+    reply desynchronises QEMU's vhost-user conversation. The other order's window — killed
+    after the journal heard and before the one write — is a few instructions that nothing
+    outside can aim at. The socket is non-blocking: a small reply goes out in that write;
+    what does not fit is sent the trio way."""
+    if journal is not None:
+        journal.replied()
+    try:
+        sent = os.write(sock.fileno(), reply)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(reply):
+        view = memoryview(reply)[sent:]
+        while view:
+            view = view[await sock.send(view):]
 
 
 async def _carry_out(transfer: Transfer, backend: VhostUserBackend) -> None:

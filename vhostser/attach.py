@@ -111,8 +111,10 @@ def address(port: dict[str, Any]) -> tuple[socket.AddressFamily, Any]:
         return socket.AF_UNIX, endpoint["path"]
     netns = endpoint.get("netns")
     if netns and not _own_netns_is(netns):
+        # `ip netns exec` takes names only; nsenter any namespace file.
+        enter = f"nsenter --net={netns}" if netns.startswith("/") else f"ip netns exec {netns}"
         raise AttachError(f"it listens in network namespace {netns}: run "
-                          f"`ip netns exec {netns} vhostser attach ...`")
+                          f"`{enter} vhostser attach ...`")
     host = str(endpoint.get("host"))
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -28,7 +28,7 @@ import trio
 
 from . import __version__, admin, attach, systemd
 from .config import ConfigError, VMConfig, default, load
-from .daemon import qemu_command_line
+from .daemon import DISK_PLACEHOLDER, qemu_command_line
 from .service import SOCKET_UNIT_FDS, run_daemon
 from .sockets import passed_unix
 
@@ -638,8 +638,7 @@ def _run(args: argparse.Namespace) -> int:
     if problem:
         _fail(problem)
     if passed is None and not activated:
-        print(f"vhostser: VM {cfg.name!r} from {cfg.source}. Connect QEMU (>= 10.2) with:\n    "
-              + qemu_command_line(cfg), file=sys.stderr)
+        _print_qemu_line(cfg)
     try:
         return trio.run(partial(run_daemon, cfg, passed=passed))
     except (OSError, BaseExceptionGroup) as e:
@@ -647,6 +646,21 @@ def _run(args: argparse.Namespace) -> int:
         if not isinstance(error, OSError):
             raise
         _fail(f"VM {cfg.name}: cannot start: {_os_text(error)}")
+
+
+def _print_qemu_line(cfg: VMConfig) -> None:
+    """On stdout, as shell: a user copies it apart from the daemon's logs (stderr). Straight
+    to fd 1, unbuffered: with stdout's reader gone the daemon says so on stderr and serves on
+    (Python's buffer would fail again at exit, and the exit status with it)."""
+    data = (f"# vhostser: VM {cfg.name!r} from {cfg.source}. Connect QEMU (>= 10.2) with\n"
+            f"# (replace {DISK_PLACEHOLDER} with the guest's disk image):\n"
+            f"{qemu_command_line(cfg)}\n").encode()
+    try:
+        while data:
+            data = data[os.write(1, data):]
+    except OSError as e:
+        print(f"vhostser: cannot print the QEMU command line on stdout: {_os_text(e)}",
+              file=sys.stderr)
 
 
 def _ctl(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shlex
 import socket
 import time
 from functools import partial
@@ -62,17 +63,25 @@ def status_names(status: int) -> list[str]:
     return [name for bit, name in STATUS_BITS if status & bit]
 
 
+# The printed command line's one placeholder: the guest's disk, which the user replaces.
+DISK_PLACEHOLDER = "DISK.qcow2"
+
+
 def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
-    """The QEMU options that connect a VM to this daemon (QEMU ≥ 10.2)."""
+    """A complete QEMU (≥ 10.2) command line for a VM on this daemon, runnable as printed once
+    DISK_PLACEHOLDER is replaced: KVM where there is one, else TCG; no window, the guest's
+    serial console and QEMU's monitor on the terminal (Ctrl-a x quits)."""
     return " \\\n    ".join(
         [
-            "qemu-system-x86_64 -machine q35,memory-backend=mem -m " + mem,
+            f"qemu-system-x86_64 -machine q35,accel=kvm:tcg,memory-backend=mem -m {mem}",
             f"-object memory-backend-memfd,id=mem,size={mem},share=on",
             # No reconnect-ms: with it, QEMU 11.1's vhost-user-test-device-pci fails to realize
             # ("Failed to set msg fds"): the chardev is still connecting in the background.
-            f"-chardev socket,id=vhostser0,path={cfg.socket}",
+            "-chardev " + shlex.quote(f"socket,id=vhostser0,path={cfg.socket}"),
             "-device vhost-user-test-device-pci,chardev=vhostser0,virtio-id=3,"
             f"num_vqs={2 * cfg.max_ports + 2},config_size=12",
+            "-nographic",
+            f"-drive file={DISK_PLACEHOLDER},if=virtio",
         ]
     )
 

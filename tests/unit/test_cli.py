@@ -145,6 +145,9 @@ def test_endpoint_words(endpoint: dict[str, object] | None, word: str) -> None:
     ({"backend": "tcp", "endpoint": {"kind": "tcp", "host": "127.0.0.1", "port": 1,
                                      "netns": "surely-not-ours", "role": "server",
                                      "mode": "stream"}}, "ip netns exec surely-not-ours"),
+    ({"backend": "tcp", "endpoint": {"kind": "tcp", "host": "127.0.0.1", "port": 1,
+                                     "netns": "/proc/1/ns/nope", "role": "server",
+                                     "mode": "stream"}}, "nsenter --net=/proc/1/ns/nope"),
 ])
 def test_what_cannot_be_attached_says_what_to_do(port: dict[str, object], why: str) -> None:
     with pytest.raises(attach.AttachError, match=why.replace("(", r"\(")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,32 @@ def test_vhost_user_backend_descriptor() -> None:
         "scripts"]
     name = Path(doc["binary"]).name
     assert scripts[name] == "vhostser.cli:backend_main"
+
+
+VIRT_XML_VALIDATE = shutil.which("virt-xml-validate")
+needs_validator = pytest.mark.skipif(
+    VIRT_XML_VALIDATE is None or shutil.which("xmllint") is None,
+    reason="virt-xml-validate (Debian: libvirt-clients, libxml2-utils) not installed; "
+           "bin/run-tests installs them")
+
+
+def validate_domain(path: Path) -> subprocess.CompletedProcess[str]:
+    assert VIRT_XML_VALIDATE
+    return subprocess.run([VIRT_XML_VALIDATE, str(path), "domain"],
+                          capture_output=True, text=True, timeout=60)
+
+
+@needs_validator
+def test_the_libvirt_example_is_a_valid_domain() -> None:
+    r = validate_domain(EXAMPLES / "web1.libvirt.xml")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_validator
+def test_the_validator_rejects_a_broken_domain(tmp_path: Path) -> None:
+    """The check above can fail: libvirt's schema refuses a misspelt element."""
+    broken = tmp_path / "web1.libvirt.xml"
+    broken.write_text((EXAMPLES / "web1.libvirt.xml").read_text()
+                      .replace("<vcpu>2</vcpu>", "<vcpus>2</vcpus>"))
+    r = validate_domain(broken)
+    assert r.returncode != 0, r.stdout

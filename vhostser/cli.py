@@ -737,7 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     cfg = load(f)
                 except ConfigError as e:
-                    print(e, file=sys.stderr)
+                    for error in e.errors:
+                        print(error, file=sys.stderr)
                     bad += 1
                 else:
                     print(f"{f}: ok: vm {cfg.name}, {len(cfg.ports)} ports, socket {cfg.socket}")

@@ -169,7 +169,9 @@ class _Lines:
                 table = self._resolve(keys, arrays)
                 self.lines.setdefault(table, number)
             elif (m := self._DOTTED.match(stripped)) and stripped[m.end():].startswith("="):
-                self.lines.setdefault(table + self._parts(m.group(1)), number)
+                keys = self._parts(m.group(1))
+                for k in range(1, len(keys) + 1):  # a.b = 1 defines the table a here too
+                    self.lines.setdefault(table + keys[:k], number)
 
     @staticmethod
     def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -179,7 +181,8 @@ class _Lines:
         start = True
         while i < n:
             if start and depth == 0 and not quote:
-                yield number, text[i:text.find("\n", i) if "\n" in text[i:] else n]
+                end = text.find("\n", i)
+                yield number, text[i:end if end >= 0 else n]
             start = False
             c = text[i]
             step = 1
@@ -510,18 +513,89 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def load(path: str | os.PathLike[str]) -> VMConfig:
-    p = Path(path)
+def _read(p: Path) -> str:
     try:
         raw = p.read_bytes()
     except OSError as e:
         raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError([f"{p}: not UTF-8 (as TOML must be): byte 0x{raw[e.start]:02x} at "
                            f"offset {e.start}"]) from None
-    return parse(text, str(p), default_name=p.stem)
+
+
+def load(path: str | os.PathLike[str]) -> VMConfig:
+    p = Path(path)
+    return parse(_read(p), str(p), default_name=p.stem)
+
+
+# A unix socket's path fits in sockaddr_un.sun_path (108 bytes) with its NUL.
+SUN_PATH_MAX = 107
+
+
+def derived_admin_socket(vhost_user_socket: str) -> str:
+    """The admin socket beside a vhost-user socket when none is configured: web1.sock →
+    web1.ctl (any other name gets .ctl appended), so every VM's daemon has its own."""
+    base = vhost_user_socket.removesuffix(".sock")
+    return base + ".ctl"
+
+
+def unix_sockets(spec: PortSpec) -> list[tuple[str, str, bool]]:
+    """The unix sockets a port's backend uses: (option, path, whether it listens there)."""
+    o = spec.backend_options
+    if spec.backend_type == "unix" and isinstance(path := o.get("path"), str):
+        return [("path", path, o.get("role", "server") == "server")]
+    if spec.backend_type == "console" and isinstance(path := o.get("socket"), str):
+        return [("socket", path, True)]
+    return []
+
+
+def socket_problem(path: str, listens: bool) -> str | None:
+    """Why the daemon could not bind (`listens`) or connect to a unix socket at `path`, as far
+    as can be seen now; None if it could."""
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        return (f"expected a socket path of at most {SUN_PATH_MAX} bytes (sun_path), got "
+                f"{path!r} ({size} bytes)")
+    if not listens:
+        return None
+    # The daemon makes missing directories: the nearest one there must let it.
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"expected a directory for the socket, got {existing}, which is not one"
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+        return (f"expected a socket directory this user (uid {os.geteuid()}) may write in, "
+                f"got {existing}")
+    return None
+
+
+def check(path: str | os.PathLike[str]) -> VMConfig:
+    """`load`, and the sockets the daemon could not make or reach (a directory it may not
+    write in, a path too long for a unix socket): ConfigError, with their lines."""
+    p = Path(path)
+    text = _read(p)
+    cfg = parse(text, str(p), default_name=p.stem)
+    sockets: list[tuple[tuple[str | int, ...], str, str, bool]] = []
+    if cfg.socket:
+        sockets.append((("vm", "socket"), "vm.socket", cfg.socket, True))
+    if cfg.admin_socket:
+        sockets.append((("vm", "admin_socket"), "vm.admin_socket", cfg.admin_socket, True))
+    elif cfg.admin_socket is None and cfg.socket:
+        sockets.append((("vm", "socket"), "vm.socket (its admin socket, admin_socket unset)",
+                        derived_admin_socket(cfg.socket), True))
+    for i, spec in enumerate(cfg.ports):
+        label = port_label(spec.config.id, spec.config.name)
+        for key, sock, listens in unix_sockets(spec):
+            sockets.append((("port", i, "backend", key), f"{label}.backend.{key}", sock, listens))
+    errors = _Errors(str(p), _Lines(text))
+    for where_path, where, sock, listens in sockets:
+        if (problem := socket_problem(sock, listens)) is not None:
+            errors.add(where_path, f"{where}: {problem}")
+    errors.raise_any()
+    return cfg
 
 
 def default() -> VMConfig:

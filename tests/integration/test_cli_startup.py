@@ -242,7 +242,7 @@ backend = {{ type = "unix", path = "{tmp}/peer.sock" }}
         with pytest.raises(BlockingIOError):
             holder.accept()
     assert f"port 2's socket {tmp}/peer.sock is in use (pid {os.getpid()}" in line, line
-    assert f"change port[1].backend in {cfg}" in line
+    assert f"change port 2 (org.test.unix).backend in {cfg}" in line
 
 
 def test_socket_path_not_writable(tmp: Path) -> None:

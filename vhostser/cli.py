@@ -751,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # runs (and systemd runs check before every start).
                     for spec in cfg.ports:
                         for problem in spec.make_backend().problems():
-                            print(f"{f}: warning: port {spec.config.id}: {problem}",
+                            print(f"{f}: warning: {_label(spec)}: {problem}",
                                   file=sys.stderr)
             return 1 if bad else 0
         if args.command == "ctl":

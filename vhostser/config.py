@@ -1,5 +1,11 @@
-"""Per-VM config file (TOML) → validated objects, with errors that name the file, the key and
-what was expected. Unknown keys are errors: a typo must never be silently ignored.
+"""Per-VM config file (TOML) → validated objects, with errors that name the file, the line,
+the key and what was expected, all of them at once:
+
+    web1.toml:3: vm.max_port: unknown key (did you mean max_ports?)
+    web1.toml:12: port 1 (org.qemu.guest_agent.0).backend.mode: expected one of "stream",
+    "session", "framed", got 'sesion'
+
+Unknown keys are errors: a typo must never be silently ignored.
 
     [vm]
     name = "web1"                          # default: the file's stem
@@ -453,11 +459,14 @@ def _port(errors: _Errors, path: tuple[str | int, ...], where: str, table: objec
         staging_limit=read(lambda: r.integer("staging", DEFAULT_STAGING, lo=4096, hi=64 << 20),
                            DEFAULT_STAGING),
     )
-    backend: dict[str, Any] = dict(read(lambda: r.required("backend", dict), {}))
+    table_read: dict[str, Any] | None = read(lambda: r.required("backend", dict), None)
+    if table_read is None:
+        return None
+    backend = dict(table_read)
     bwhere = f"{where}.backend"
     bpath = (*path, "backend")
     btype = errors.read(bpath, lambda: registry.backend_type(backend.pop("type", None), bwhere),
-                        None) if "backend" in r.table else None
+                        None)
     if btype is None:
         return None
     make_backend = partial(registry.create, btype, backend, bwhere)

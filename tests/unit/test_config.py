@@ -704,3 +704,8 @@ def test_check_prints_every_error_and_a_socket_directory_it_may_not_write(
     assert r.stderr.splitlines() == [
         f"{bad}:6: port 1.backend.path: expected a socket directory this user "
         f"(uid {os.geteuid()}) may write in, got {locked}"]
+
+
+def test_a_backend_that_is_not_a_table_is_one_error() -> None:
+    assert errors_of(port_doc('id = 1\nbackend = "null"')) == [
+        f"{SRC}:5: port 1.backend: expected dict, got 'null'"]

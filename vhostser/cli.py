@@ -27,7 +27,17 @@ from typing import Any, NoReturn
 import trio
 
 from . import __version__, admin, attach, systemd
-from .config import ConfigError, VMConfig, default, load
+from .config import (
+    ConfigError,
+    PortSpec,
+    VMConfig,
+    default,
+    derived_admin_socket,
+    load,
+    port_label,
+    unix_sockets,
+)
+from .config import check as check_config
 from .daemon import DISK_PLACEHOLDER, qemu_command_line
 from .service import SOCKET_UNIT_FDS, run_daemon
 from .sockets import passed_unix
@@ -107,13 +117,6 @@ def _single(exc: BaseException) -> BaseException:
 
 
 # ---------------------------------------------------------------------------- VMs and sockets
-
-
-def derived_admin_socket(vhost_user_socket: str) -> str:
-    """The admin socket beside a vhost-user socket when none is configured: web1.sock →
-    web1.ctl (any other name gets .ctl appended), so every VM's daemon has its own."""
-    base = vhost_user_socket.removesuffix(".sock")
-    return base + ".ctl"
 
 
 def admin_socket_of(cfg: VMConfig, vhost_user_socket: str | None = None) -> str | None:
@@ -298,13 +301,11 @@ def _same_file(a: object, b: str) -> bool:
 def _port_sockets(cfg: VMConfig) -> list[tuple[str, str, str]]:
     """The unix sockets the ports' backends will listen on: (what, path, how to change it)."""
     found = []
-    for i, spec in enumerate(cfg.ports):
-        o = spec.backend_options
-        path = (o.get("path") if spec.backend_type == "unix" and o.get("role", "server")
-                == "server" else o.get("socket") if spec.backend_type == "console" else None)
-        if isinstance(path, str):
-            found.append((f"port {spec.config.id}'s socket", path,
-                          f"change port[{i}].backend in {cfg.source}"))
+    for spec in cfg.ports:
+        for _, path, listens in unix_sockets(spec):
+            if listens:
+                found.append((f"port {spec.config.id}'s socket", path,
+                              f"change {_label(spec)}.backend in {cfg.source}"))
     return found
 
 
@@ -313,14 +314,18 @@ def _tcp_ports(cfg: VMConfig) -> list[tuple[str, str, int, str]]:
     found = []
     if cfg.metrics_listen:
         found.append(("metrics_listen", *cfg.metrics_listen, f"choose another in {cfg.source}"))
-    for i, spec in enumerate(cfg.ports):
+    for spec in cfg.ports:
         o = spec.backend_options
         if (spec.backend_type == "tcp" and o.get("role", "server") == "server"
                 and not o.get("netns") and o.get("port")):
             found.append((f"port {spec.config.id}'s tcp listener",
                           str(o.get("host", "127.0.0.1")), int(o["port"]),
-                          f"change port[{i}].backend in {cfg.source}"))
+                          f"change {_label(spec)}.backend in {cfg.source}"))
     return found
+
+
+def _label(spec: PortSpec) -> str:
+    return port_label(spec.config.id, spec.config.name)
 
 
 def _socket_problem(cfg: VMConfig, what: str, path: str, fix: str) -> str | None:
@@ -749,9 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             bad = 0
             for f in args.files:
                 try:
-                    cfg = load(f)
+                    cfg = check_config(f)
                 except ConfigError as e:
-                    print(e, file=sys.stderr)
+                    for error in e.errors:
+                        print(error, file=sys.stderr)
                     bad += 1
                 else:
                     print(f"{f}: ok: vm {cfg.name}, {len(cfg.ports)} ports, socket {cfg.socket}")
@@ -759,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # runs (and systemd runs check before every start).
                     for spec in cfg.ports:
                         for problem in spec.make_backend().problems():
-                            print(f"{f}: warning: port {spec.config.id}: {problem}",
+                            print(f"{f}: warning: {_label(spec)}: {problem}",
                                   file=sys.stderr)
             return 1 if bad else 0
         if args.command == "ctl":

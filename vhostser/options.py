@@ -1,7 +1,8 @@
 """Typed, checked reads from one table of a config file, with errors that name the file, the
 key path and what was expected:
 
-    web1.toml: port[1].backend.mode: expected one of "stream", "session", "framed", got 'raw'
+    web1.toml:12: port 1 (org.qemu.guest_agent.0).backend.mode: expected one of "stream",
+    "session", "framed", got 'raw'
 
 The config file's own tables ([vm], [[port]]) and every backend's options are read with
 `Options`. Unknown keys are errors: a typo must never be silently ignored. No string it hands
@@ -12,8 +13,11 @@ This module imports nothing else from vhostser, so every layer may use it.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar, overload
 
 T = TypeVar("T")
@@ -27,12 +31,48 @@ _SCALE = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb":
 
 class OptionError(ValueError):
     """A config file, or one of its tables, is not valid: a key is missing, unknown or not what
-    was expected. The message names the file and the key path."""
+    was expected. The message names the file and the key path; `key` (within the table
+    `where`) and `problem` are its parts, for a caller that places the error in a file."""
+
+    def __init__(self, message: str, *, where: str = "", key: str = "",
+                 problem: str = "") -> None:
+        super().__init__(message)
+        self.where, self.key, self.problem = where, key, problem
+
+    @classmethod
+    def at(cls, where: str, key: str, problem: str) -> OptionError:
+        return cls(f"{where}.{key}: {problem}", where=where, key=key, problem=problem)
+
+
+# Where `Options` puts unknown keys instead of raising (`collecting`).
+_UNKNOWN: ContextVar[list[OptionError] | None] = ContextVar("unknown_keys", default=None)
+
+
+@contextmanager
+def collecting(unknown: list[OptionError]) -> Iterator[None]:
+    """Within this, every `Options` appends its unknown keys' errors to `unknown` and reads on
+    without them, so that one run of `vhostser check` reports them all."""
+    token = _UNKNOWN.set(unknown)
+    try:
+        yield
+    finally:
+        _UNKNOWN.reset(token)
+
+
+def unknown_key(key: str, allowed: Iterable[str]) -> str:
+    """The problem with an unknown key: what it may have meant, else what is allowed. (Not its
+    value: what was typed wrong is the key.)"""
+    allowed = sorted(allowed)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]}?)"
+    return f"unknown key (expected one of {', '.join(allowed)})" if allowed else \
+        "unknown key (expected no options)"
 
 
 class Options:
-    """Typed access to one table. `where` prefixes every error: with `web1.toml: port[1]`, an
-    error reads `web1.toml: port[1].id: expected ...`.
+    """Typed access to one table. `where` prefixes every error: with `port 1`, an error reads
+    `port 1.staging: expected ...`.
 
     `terse` is the wording vhostser has always used for the [vm] and [[port]] tables: a value
     of the wrong type is named by its type (`expected int, got '4'`), choices are listed bare,
@@ -44,15 +84,19 @@ class Options:
     def __init__(self, table: object, where: str, known: Iterable[str], *,
                  terse: bool = False) -> None:
         if not isinstance(table, Mapping):
-            raise OptionError(f"{where}: expected a table, got {table!r}")
+            problem = f"expected a table, got {table!r}"
+            raise OptionError(f"{where}: {problem}", where=where, problem=problem)
         self.table: dict[str, Any] = dict(table)
         self.where = where
         self.terse = terse
-        allowed = sorted(known)
-        for key, value in self.table.items():
-            if key not in allowed:
-                expected = f"one of {', '.join(allowed)}" if allowed else "no options"
-                self.fail(key, f"{expected} (unknown key)", value)
+        allowed = set(known)
+        for key in [k for k in self.table if k not in allowed]:
+            error = OptionError.at(where, key, unknown_key(key, allowed))
+            sink = _UNKNOWN.get()
+            if sink is None:
+                raise error
+            sink.append(error)
+            del self.table[key]
 
     def fail(self, key: str, expected: str, got: object = _MISSING) -> NoReturn:
         """Raise the error for `key`; without `got`, the key is missing."""
@@ -62,7 +106,7 @@ class Options:
             problem = "required key missing"
         else:
             problem = f"expected {expected}, got nothing"
-        raise OptionError(f"{self.where}.{key}: {problem}")
+        raise OptionError.at(self.where, key, problem)
 
     def _check(self, key: str, kind: type[T], expected: str,
                valid: Callable[[T], bool] = lambda _: True) -> T:

@@ -242,7 +242,7 @@ backend = {{ type = "unix", path = "{tmp}/peer.sock" }}
         with pytest.raises(BlockingIOError):
             holder.accept()
     assert f"port 2's socket {tmp}/peer.sock is in use (pid {os.getpid()}" in line, line
-    assert f"change port[1].backend in {cfg}" in line
+    assert f"change port 2 (org.test.unix).backend in {cfg}" in line
 
 
 def test_socket_path_not_writable(tmp: Path) -> None:
@@ -277,7 +277,7 @@ def test_config_error_is_one_line(tmp: Path) -> None:
     bad = tmp / "bad.toml"
     bad.write_text('[vm]\nmax_ports = 99\n')
     line = one_line_error(vhostser("run", "--config", str(bad)))
-    assert line.startswith(f"vhostser: {bad}: vm.max_ports: expected an integer in 1..31"), line
+    assert line.startswith(f"vhostser: {bad}:2: vm.max_ports: expected an integer in 1..31"), line
     line = one_line_error(vhostser("run", "--config", str(tmp / "missing.toml")))
     assert f"{tmp}/missing.toml: cannot read" in line
 

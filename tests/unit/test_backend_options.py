@@ -59,8 +59,10 @@ def test_from_options_makes_no_sockets_or_files(tmp_path: Path) -> None:
         ("unix", {}, f"{W}.path: expected a non-empty string, got nothing"),
         ("unix", {"path": ""}, f"{W}.path: expected a non-empty string, got ''"),
         ("unix", {"path": 5}, f"{W}.path: expected a non-empty string, got 5"),
-        ("unix", {"path": "/a", "pth": 1}, f"{W}.pth: expected one of max_peers, mode, path, "
-                                           "peer_queue, role, slow_peer (unknown key), got 1"),
+        ("unix", {"path": "/a", "pth": 1}, f"{W}.pth: unknown key (did you mean path?)"),
+        ("unix", {"path": "/a", "colour": 1}, f"{W}.colour: unknown key (expected one of "
+                                              "max_peers, mode, path, peer_queue, role, "
+                                              "slow_peer)"),
         ("unix", {"path": "/a", "role": "listen"},
          f'{W}.role: expected one of "server", "client", got \'listen\''),
         ("unix", {"path": "/a", "mode": "packet"},
@@ -81,9 +83,10 @@ def test_from_options_makes_no_sockets_or_files(tmp_path: Path) -> None:
         ("tcp", {"port": 0, "role": "client"}, f"{W}.port: expected an integer in 1..65535"),
         ("tcp", {"port": 1, "host": ""}, f"{W}.host: expected a non-empty string"),
         ("tcp", {"port": 1, "netns": "../etc"}, f"{W}.netns: expected the name of a network"),
-        ("tcp", {"port": 1, "path": "/a"}, f"{W}.path: expected one of host, max_peers"),
+        ("tcp", {"port": 1, "path": "/a"},
+         f"{W}.path: unknown key (expected one of host, max_peers"),
         ("pty", {"link": 3}, f"{W}.link: expected a non-empty string, got 3"),
-        ("pty", {"path": "/dev/pts/3"}, f"{W}.path: expected one of link, queue (unknown key)"),
+        ("pty", {"path": "/dev/pts/3"}, f"{W}.path: unknown key (expected one of link, queue)"),
         ("file", {}, f"{W}.path: expected a non-empty string, got nothing"),
         ("file", {"path": "/l", "append": "yes"}, f"{W}.append: expected true or false, got 'yes'"),
         ("file", {"path": "/l", "timestamps": 1}, f"{W}.timestamps: expected true or false"),
@@ -93,8 +96,8 @@ def test_from_options_makes_no_sockets_or_files(tmp_path: Path) -> None:
         ("console", {"socket": "/s", "scrollback": -1},
          f"{W}.scrollback: expected an integer in 0..16384, got -1"),
         ("console", {"socket": "/s", "reader_queue": 10}, f"{W}.reader_queue: expected a size"),
-        ("null", {"x": 1}, f"{W}.x: expected no options (unknown key), got 1"),
-        ("echo", {"path": "/a"}, f"{W}.path: expected no options (unknown key)"),
+        ("null", {"x": 1}, f"{W}.x: unknown key (expected no options)"),
+        ("echo", {"path": "/a"}, f"{W}.path: unknown key (expected no options)"),
     ],
 )
 def test_option_errors_name_the_key(btype: str, options: dict[str, Any], message: str) -> None:

@@ -296,7 +296,7 @@ backend = {{ type = "tcp", host = "10.9.9.9", port = 4555, netns = "{netns}" }}
     r = subprocess.run([sys.executable, "-m", "vhostser", "check", str(cfg)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stderr == (f"{cfg}: warning: port 1: network namespace {netns}: address 10.9.9.9 "
+    assert r.stderr == (f"{cfg}: warning: port 1 (a): network namespace {netns}: address 10.9.9.9 "
                         "is not configured on any interface: listening will fail\n")
 
 

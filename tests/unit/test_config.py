@@ -5,26 +5,38 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vhostser import config
 from vhostser.backends.registry import BACKENDS
 from vhostser.config import ConfigError, PortSpec, VMConfig, parse
 from vhostser.console import DEFAULT_STAGING, PortBackend, PortConfig
 
+ROOT = Path(__file__).resolve().parents[2]
 SRC = "web1.toml"
 NULL = 'backend = { type = "null" }'
 
 
-def error_of(text: str) -> str:
+def errors_of(text: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
         parse(text, SRC)
-    msg = str(info.value)
-    assert msg.startswith(f"{SRC}: "), msg
-    return msg
+    assert str(info.value) == info.value.errors[0]
+    return info.value.errors
+
+
+def error_of(text: str) -> str:
+    """The first error, its line number left out (tests of lines: `errors_of`)."""
+    msg = errors_of(text)[0]
+    assert re.match(rf"{re.escape(SRC)}(:\d+)?: ", msg), msg
+    return re.sub(rf"^{re.escape(SRC)}:\d+: ", f"{SRC}: ", msg)
 
 
 def port_doc(body: str, *, vm: str = "") -> str:
@@ -190,27 +202,27 @@ def test_unreadable_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "path", "expected"),
     [
-        ("colour = 1\n", "<top>.colour", "one of port, vm (unknown key)"),
-        ("[vm]\nmax_port = 4\n", "vm.max_port", "(unknown key)"),
-        (port_doc("id = 1\nbakend = 1\n" + NULL), "port[0].bakend", "(unknown key)"),
+        ("colour = 1\n", "<top>.colour", "unknown key (expected one of port, vm)"),
+        ("[vm]\nmax_port = 4\n", "vm.max_port", "unknown key (did you mean max_ports?)"),
+        (port_doc("id = 1\nbakend = 1\n" + NULL), "port 1.bakend",
+         "unknown key (did you mean backend?)"),
         (port_doc('id = 1\nbackend = { type = "null", path = "/x" }'),
-         "port[0].backend.path", "no options (unknown key)"),
+         "port 1.backend.path", "unknown key (expected no options)"),
         (port_doc('id = 1\nbackend = { type = "unix", path = "/x", mdoe = "framed" }'),
-         "port[0].backend.mdoe", "(unknown key)"),
+         "port 1.backend.mdoe", "unknown key (did you mean mode?)"),
     ],
     ids=["top", "vm", "port", "null-backend", "unix-backend"],
 )
 def test_unknown_keys_at_every_level(text: str, path: str, expected: str) -> None:
-    msg = error_of(text)
-    assert f"{SRC}: {path}: expected " in msg
-    assert expected in msg
+    # The key was typed wrong, not its value: no "got".
+    assert error_of(text) == f"{SRC}: {path}: {expected}"
 
 
 def test_unknown_key_in_the_second_port_names_it() -> None:
     msg = error_of(
         "[[port]]\nid = 0\n" + NULL + "\n[[port]]\nid = 1\nconsol = true\n" + NULL + "\n"
     )
-    assert msg.startswith(f"{SRC}: port[1].consol: expected one of backend, console, ")
+    assert msg == f"{SRC}: port 1.consol: unknown key (did you mean console?)"
 
 
 @pytest.mark.parametrize(
@@ -227,16 +239,16 @@ def test_unknown_key_in_the_second_port_names_it() -> None:
         ("[vm]\nresize_order = 1\n", "vm.resize_order", "str", "1"),
         ("vm = 3\n", "<top>.vm", "dict", "3"),
         ("[port]\nid = 1\n", "<top>.port", "list", "{'id': 1}"),
-        (port_doc("id = true\n" + NULL), "port[0].id", "int", "True"),
-        (port_doc('id = "1"\n' + NULL), "port[0].id", "int", "'1'"),
-        (port_doc("id = 1\nconsole = 1\n" + NULL), "port[0].console", "bool", "1"),
-        (port_doc("id = 1\nname = 5\n" + NULL), "port[0].name", "str", "5"),
-        (port_doc("id = 1\nstaging = false\n" + NULL), "port[0].staging", "int", "False"),
-        (port_doc('id = 1\nbackend = "null"'), "port[0].backend", "dict", "'null'"),
+        (port_doc("id = true\n" + NULL), "port #1 (bad id).id", "int", "True"),
+        (port_doc('id = "1"\n' + NULL), "port #1 (bad id).id", "int", "'1'"),
+        (port_doc("id = 1\nconsole = 1\n" + NULL), "port 1.console", "bool", "1"),
+        (port_doc("id = 1\nname = 5\n" + NULL), "port 1.name", "str", "5"),
+        (port_doc("id = 1\nstaging = false\n" + NULL), "port 1.staging", "int", "False"),
+        (port_doc('id = 1\nbackend = "null"'), "port 1.backend", "dict", "'null'"),
         (port_doc('id = 1\nbackend = { type = "unix", path = "/x", max_peers = true }'),
-         "port[0].backend.max_peers", "an integer in 1..1024", "True"),
+         "port 1.backend.max_peers", "an integer in 1..1024", "True"),
         (port_doc('id = 1\nbackend = { type = "tcp", port = true }'),
-         "port[0].backend.port", "an integer in", "True"),
+         "port 1.backend.port", "an integer in", "True"),
     ],
 )
 def test_wrong_types(text: str, path: str, expected: str, got: str) -> None:
@@ -255,20 +267,20 @@ def test_wrong_types(text: str, path: str, expected: str, got: str) -> None:
         ("[vm]\nfrontend_grace = -1\n", "vm.frontend_grace", "a number of seconds ≥ 0", "-1.0"),
         ('[vm]\nresize_order = "rows"\n', "vm.resize_order", "one of cols-rows, rows-cols",
          "'rows'"),
-        (port_doc("id = 4\n" + NULL), "port[0].id", "an integer in 0..3", "4"),
-        (port_doc("id = 2\n" + NULL, vm="max_ports = 2"), "port[0].id", "an integer in 0..1",
-         "2"),
-        (port_doc("id = -1\n" + NULL), "port[0].id", "an integer in 0..3", "-1"),
-        (port_doc("id = 1\nstaging = 4095\n" + NULL), "port[0].staging",
+        (port_doc("id = 4\n" + NULL), "port #1 (bad id).id", "an integer in 0..3", "4"),
+        (port_doc("id = 2\n" + NULL, vm="max_ports = 2"), "port #1 (bad id).id",
+         "an integer in 0..1", "2"),
+        (port_doc("id = -1\n" + NULL), "port #1 (bad id).id", "an integer in 0..3", "-1"),
+        (port_doc("id = 1\nstaging = 4095\n" + NULL), "port 1.staging",
          "an integer in 4096..67108864", "4095"),
         (port_doc('id = 1\nguest_writes_without_host = "block"\n' + NULL),
-         "port[0].guest_writes_without_host", "one of hold, discard", "'block'"),
-        (port_doc('id = 1\nname = "a/b"\n' + NULL), "port[0].name",
+         "port 1.guest_writes_without_host", "one of hold, discard", "'block'"),
+        (port_doc('id = 1\nname = "a/b"\n' + NULL), "port 1.name",
          "a port name without '/' or NUL, of at most 255 bytes", "'a/b'"),
-        (port_doc('id = 1\nname = "' + "\u00e9" * 128 + '"\n' + NULL), "port[0].name",
+        (port_doc('id = 1\nname = "' + "\u00e9" * 128 + '"\n' + NULL), "port 1.name",
          "a port name without '/' or NUL, of at most 255 bytes", "'"),
         (port_doc('id = 1\nbackend = { type = "unix", path = "/x", mode = "raw" }'),
-         "port[0].backend.mode", 'one of "stream", "session", "framed"', "'raw'"),
+         "port 1.backend.mode", 'one of "stream", "session", "framed"', "'raw'"),
     ],
 )
 def test_out_of_range(text: str, path: str, expected: str, got: str) -> None:
@@ -284,11 +296,11 @@ def test_port_id_checked_against_max_ports_of_the_same_file() -> None:
 
 
 def test_missing_port_id() -> None:
-    assert error_of(port_doc(NULL)) == f"{SRC}: port[0].id: required key missing"
+    assert error_of(port_doc(NULL)) == f"{SRC}: port #1 (no id).id: required key missing"
 
 
 def test_missing_backend() -> None:
-    assert error_of(port_doc("id = 1")) == f"{SRC}: port[0].backend: required key missing"
+    assert error_of(port_doc("id = 1")) == f"{SRC}: port 1.backend: required key missing"
 
 
 @pytest.mark.parametrize(("backend", "got"), [
@@ -299,28 +311,28 @@ def test_missing_backend() -> None:
 def test_unknown_backend_type(backend: str, got: str) -> None:
     msg = error_of("[[port]]\nid = 0\n" + NULL + f"\n[[port]]\nid = 1\nbackend = {backend}\n")
     types = ", ".join(sorted(BACKENDS))
-    assert msg == f"{SRC}: port[1].backend.type: expected one of {types}, got {got}"
+    assert msg == f"{SRC}: port 1.backend.type: expected one of {types}, got {got}"
 
 
 def test_backend_option_errors_carry_the_path() -> None:
     msg = error_of(port_doc('id = 2\nbackend = { type = "unix" }'))
-    assert msg.startswith(f"{SRC}: port[0].backend.path: expected a non-empty string")
+    assert msg.startswith(f"{SRC}: port 2.backend.path: expected a non-empty string")
 
 
 def test_port_not_a_table() -> None:
-    assert error_of("port = [1]\n") == f"{SRC}: port[0]: expected a table, got 1"
+    assert error_of("port = [1]\n") == f"{SRC}: port #1 (no id): expected a table, got 1"
 
 
 def test_duplicate_ids() -> None:
     msg = error_of("[[port]]\nid = 1\n" + NULL + "\n[[port]]\nid = 1\n" + NULL + "\n")
-    assert msg.endswith("port[1].id: expected a unique port id, got 1 (also port[0].id)")
+    assert msg.endswith("port 1.id: expected a unique port id, got 1 (also port #1, line 2)")
 
 
 def test_duplicate_names() -> None:
     msg = error_of(
         '[[port]]\nid = 1\nname = "a"\n' + NULL + '\n[[port]]\nid = 2\nname = "a"\n' + NULL
     )
-    assert msg.endswith("port[1].name: expected a unique name, got 'a' (also port[0].name)")
+    assert msg.endswith("port 2 (a).name: expected a unique name, got 'a' (also port #1, line 3)")
 
 
 def test_several_unnamed_ports_are_fine() -> None:
@@ -335,7 +347,7 @@ def test_duplicates_name_the_key_path(key: str) -> None:
         + ('[[port]]\nid = 1\nname = "b"\n' if key == "id" else '[[port]]\nid = 2\nname = "a"\n')
         + NULL + "\n"
     )
-    assert f"{SRC}: port[1].{key}: " in msg
+    assert f"{SRC}: port {1 if key == 'id' else 2} ({'b' if key == 'id' else 'a'}).{key}: " in msg
 
 
 def test_frontend_grace_nan_rejected() -> None:
@@ -345,7 +357,7 @@ def test_frontend_grace_nan_rejected() -> None:
 
 def test_port_name_with_nul_rejected() -> None:
     msg = error_of(port_doc('id = 1\nname = "qga\\u0000x"\n' + NULL))
-    assert f"{SRC}: port[0].name: expected " in msg
+    assert f"{SRC}: port 1.name: expected " in msg
 
 
 @pytest.mark.parametrize("value", ["9464", "localhost", "127.0.0.1:", "127.0.0.1:99999", ":80"])
@@ -486,3 +498,214 @@ def test_every_backend_type_says_what_it_touches() -> None:
         "null": (), "echo": (), "stdout": (), "unix": ("path",), "tcp": (), "pty": ("link",),
         "file": ("path",), "console": ("path", "socket"),
     }
+
+
+# ------------------------------------------------------------------------ every error, placed
+
+MANY = """\
+[vm]
+name = "web1"
+max_port = 4
+cols = 0
+metrics_listen = "9464"
+
+[[port]]
+id = 1
+name = "org.qemu.guest_agent.0"
+backend = { type = "unix", path = "", mdoe = "framed" }
+
+[[port]]
+name = "org.example.debug"
+staging = 1
+backend = { type = "tcp", port = 7001 }
+
+[[port]]
+backend = { type = "nul" }
+
+[[port]]
+id = 1
+consol = true
+[port.backend]
+type = "file"
+path = 5
+"""
+
+
+def test_every_error_is_reported_with_its_line() -> None:
+    assert errors_of(MANY) == [
+        f"{SRC}:3: vm.max_port: unknown key (did you mean max_ports?)",
+        f"{SRC}:4: vm.cols: expected an integer in 1..65535, got 0",
+        f'{SRC}:5: vm.metrics_listen: expected "HOST:PORT", e.g. "127.0.0.1:9464", got \'9464\'',
+        f"{SRC}:10: port 1 (org.qemu.guest_agent.0).backend.mdoe: unknown key "
+        "(did you mean mode?)",
+        f"{SRC}:10: port 1 (org.qemu.guest_agent.0).backend.path: expected a non-empty "
+        "string, got ''",
+        f"{SRC}:12: port #2 (org.example.debug).id: required key missing",
+        f"{SRC}:14: port #2 (org.example.debug).staging: expected an integer in "
+        "4096..67108864, got 1",
+        f"{SRC}:17: port #3 (no id).id: required key missing",
+        f"{SRC}:18: port #3 (no id).backend.type: expected one of "
+        f"{', '.join(sorted(BACKENDS))}, got 'nul'",
+        f"{SRC}:22: port 1.consol: unknown key (did you mean console?)",
+        f"{SRC}:25: port 1.backend.path: expected a non-empty string, got 5",
+    ]
+
+
+def test_duplicates_are_found_among_good_ports_with_both_lines() -> None:
+    text = ('[[port]]\nid = 1\nname = "a"\n' + NULL + "\n\n"
+            '[[port]]\nid = 2\nname = "a"\n' + NULL + "\n\n"
+            '[[port]]\nid = 1\nname = "b"\n' + NULL + "\n")
+    assert errors_of(text) == [
+        f"{SRC}:8: port 2 (a).name: expected a unique name, got 'a' (also port #1, line 3)",
+        f"{SRC}:12: port 1 (b).id: expected a unique port id, got 1 (also port #1, line 2)",
+    ]
+
+
+def test_a_port_with_a_bad_id_is_named_by_position_and_name() -> None:
+    errors = errors_of(port_doc('id = 9\nname = "org.x"\n' + NULL))
+    assert errors == [f"{SRC}:4: port #1 (org.x).id: expected an integer in 0..3, got 9"]
+    # A name that would garble the line is left out of the label.
+    assert errors_of(port_doc('id = 9\nname = "a\\nb"\n' + NULL))[0].startswith(
+        f"{SRC}:4: port #1 (bad id).id: ")
+
+
+def test_a_bad_max_ports_does_not_make_every_port_id_wrong_too() -> None:
+    assert errors_of("[vm]\nmax_ports = 99\n[[port]]\nid = 20\n" + NULL) == [
+        f"{SRC}:2: vm.max_ports: expected an integer in 1..31, got 99"]
+
+
+def test_lines_are_found_past_strings_arrays_and_comments() -> None:
+    text = '''\
+# [[port]] in a comment
+[vm]
+name = """
+[[port]]
+id = 3
+"""
+allow_uids = [
+  0,  # max_ports = 1
+  1,
+]
+"quoted.key" = 1
+socket = 'x' # trailing
+  [ "other" ]
+  id = 1
+[[port]]
+backend.type = "null"
+'''
+    tomllib.loads(text)  # (the scanner's premise: a valid document)
+    lines = config._Lines(text)
+    assert lines.line_of(("vm", "name")) == 3
+    assert lines.line_of(("vm", "allow_uids")) == 7
+    assert lines.line_of(("vm", "quoted.key")) == 11
+    assert lines.line_of(("vm", "socket")) == 12
+    assert lines.line_of(("other", "id")) == 14
+    assert lines.line_of(("port", 0, "backend", "type")) == 16
+    assert lines.line_of(("port", 0, "backend", "path")) == 16
+    assert lines.line_of(("port", 5)) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["id", "name", "staging", "console"]),
+                          st.sampled_from(['1', '"x"', '"""a\n[[port]]\nid = 2\n"""',
+                                           '[\n1,\n2]', "{ a = 1 }", "'''\nb = 1'''"]),
+                          st.booleans()),
+                max_size=12))
+def test_every_key_is_found_at_its_line(keys: list[tuple[str, str, bool]]) -> None:
+    # Each entry: a key (made unique by its position), its value, and whether a new
+    # [[port]] comes before it.
+    text, where, port, line = "", {}, -1, 1
+    for n, (key, value, new_port) in enumerate(keys):
+        if new_port or port < 0:
+            port += 1
+            text += "[[port]]\n"
+            line += 1
+        text += f"{key}{n} = {value}\n"
+        where[("port", port, f"{key}{n}")] = line
+        line += value.count("\n") + 1
+    tomllib.loads(text)  # (the scanner's premise: a valid document)
+    lines = config._Lines(text)
+    assert {path: lines.line_of(path) for path in where} == where
+
+
+# ------------------------------------------------------------------------ sockets `check` sees
+
+
+def test_socket_paths_too_long_for_sun_path(tmp_path: Path) -> None:
+    long = str(tmp_path / ("s" * (107 - len(str(tmp_path)))))  # 108 bytes: one too many
+    ok = str(tmp_path / ("s" * (106 - len(str(tmp_path)))))  # 107: fits
+    path = tmp_path / "vm.toml"
+    path.write_text(f'[vm]\nsocket = "{ok}"\nadmin_socket = "{long}"\n\n[[port]]\nid = 1\n'
+                    f'backend = {{ type = "unix", path = "{long}", role = "client" }}\n'
+                    f'[[port]]\nid = 2\nname = "c"\nbackend = {{ type = "console", '
+                    f'socket = "{ok}" }}\n')
+    with pytest.raises(ConfigError) as info:
+        config.check(path)
+    problem = f"expected a socket path of at most 107 bytes (sun_path), got {long!r} (108 bytes)"
+    assert info.value.errors == [f"{path}:3: vm.admin_socket: {problem}",
+                                 f"{path}:7: port 1.backend.path: {problem}"]
+    assert len(ok.encode()) == 107
+    # Nothing made: check looks, never touches.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.toml"]
+
+
+def test_socket_directory_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("")
+    path = tmp_path / "vm.toml"
+    path.write_text(f'[vm]\nsocket = "{tmp_path}/plain/sub/vm.sock"\nadmin_socket = ""\n')
+    with pytest.raises(ConfigError) as info:
+        config.check(path)
+    assert info.value.errors == [f"{path}:2: vm.socket: expected a directory for the socket, "
+                                 f"got {tmp_path}/plain, which is not one"]
+    # A missing directory is fine (the daemon makes it), a derived admin socket is checked.
+    path.write_text(f'[vm]\nsocket = "{tmp_path}/new/{"x" * 100}.sock"\n')
+    with pytest.raises(ConfigError) as info:
+        config.check(path)
+    assert [e.split(": expected")[0] for e in info.value.errors] == [
+        f"{path}:2: vm.socket", f"{path}:2: vm.socket (its admin socket, admin_socket unset)"]
+
+
+def test_check_prints_every_error_and_a_socket_directory_it_may_not_write(
+    tmp_path: Path,
+) -> None:
+    """`vhostser check` as a user who may not write in a socket's directory: root made
+    unprivileged by dropping the capabilities that let it write anywhere (setpriv)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    good = tmp_path / "good.toml"
+    good.write_text(f'[vm]\nsocket = "{tmp_path}/vm.sock"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[vm]\nsocket = "{tmp_path}/vm.sock"\nmax_port = 4\n\n[[port]]\nid = 1\n'
+                   f'backend = {{ type = "unix", path = "{locked}/sub/p.sock" }}\n'
+                   '[[port]]\nid = 1\nbackend = { type = "echo", x = 1 }\n')
+    command = [sys.executable, "-m", "vhostser", "check", str(good), str(bad)]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1
+    assert r.stdout == f"{good}: ok: vm good, 0 ports, socket {tmp_path}/vm.sock\n"
+    assert r.stderr.splitlines() == [
+        f"{bad}:3: vm.max_port: unknown key (did you mean max_ports?)",
+        f"{bad}:10: port 1.backend.x: unknown key (expected no options)",
+    ]
+    bad.write_text(bad.read_text().replace("max_port = 4\n", "").replace(", x = 1", "")
+                   .replace("id = 1\nbackend = { type = \"echo\"", "id = 2\nbackend = "
+                            "{ type = \"echo\""))
+    setpriv = shutil.which("setpriv")
+    if os.getuid() != 0 or setpriv is None:
+        os.chmod(locked, 0o555)
+        prefix = []
+    else:
+        os.chown(locked, 65534, 65534)
+        os.chmod(locked, 0o555)
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner",
+                  "--inh-caps=-all"]
+    r = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT)
+    assert r.returncode == 1, r
+    assert r.stderr.splitlines() == [
+        f"{bad}:6: port 1.backend.path: expected a socket directory this user "
+        f"(uid {os.geteuid()}) may write in, got {locked}"]
+
+
+def test_a_backend_that_is_not_a_table_is_one_error() -> None:
+    assert errors_of(port_doc('id = 1\nbackend = "null"')) == [
+        f"{SRC}:5: port 1.backend: expected dict, got 'null'"]

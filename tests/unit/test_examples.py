@@ -35,7 +35,7 @@ def test_check_rejects_a_broken_copy(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "vhostser", "check", str(broken)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert f"{broken}: port[1].backend.mode: expected one of" in r.stderr
+    assert f"{broken}:27: port 1 (org.qemu.guest_agent.0).backend.mode: expected one of" in r.stderr
     assert "'sesion'" in r.stderr
 
 

@@ -64,9 +64,8 @@ def backend_type(value: object, where: str) -> str:
     whatever the table held: missing (None), a number, a typo.)"""
     if isinstance(value, str) and value in BACKENDS:
         return value
-    raise OptionError(
-        f"{where}.type: expected one of {', '.join(sorted(BACKENDS))}, got {value!r}"
-    )
+    raise OptionError.at(where, "type",
+                         f"expected one of {', '.join(sorted(BACKENDS))}, got {value!r}")
 
 
 def create(type_name: str, options: Mapping[str, Any], where: str) -> ConfigurableBackend:

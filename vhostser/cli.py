@@ -575,20 +575,27 @@ def parser() -> argparse.ArgumentParser:
     att.add_argument("port", metavar="PORT", help="port id or name")
     _attach_options(att)
 
-    bench = sub.add_parser("bench", help="throughput and latency (see vhostser/bench.py)",
-                           description="Throughput and latency, against QEMU's own "
-                           "virtio-serial or locally.")
+    bench = sub.add_parser(
+        "bench", help="throughput, latency, CPU and memory (see vhostser/bench.py)",
+        description="Throughput, latency, CPU and memory of the data path, against QEMU's own "
+        "virtio-serial in the same run or locally; medians of --runs runs, one table at the end.")
     bench.add_argument("where", choices=["qemu", "local"],
                        help="qemu: against QEMU's in-process virtio-serial in the same run "
                        "(needs the e2e rig); local: no QEMU, the testing front end")
-    bench.add_argument("--which", default="g2h,h2g,rtt", help="g2h, h2g, rtt (comma-separated)")
-    bench.add_argument("--runs", type=int, default=3, help="runs per measurement")
+    bench.add_argument("--which", default="g2h,h2g,rtt,ports8,console,idle",
+                       help="scenarios, comma-separated: g2h, h2g, rtt, ports8, console, idle")
+    bench.add_argument("--runs", type=int, default=3, help="runs per scenario")
     bench.add_argument("--bs", type=int, default=65536, help="qemu: guest dd block size")
-    bench.add_argument("--count", type=int, default=2048, help="qemu: blocks per run")
-    bench.add_argument("--mib", type=int, default=64, help="local: MiB per run")
-    bench.add_argument("--rtt-n", type=int, default=1000, help="round trips")
+    bench.add_argument("--count", type=int, default=2048, help="qemu g2h/h2g: blocks per run")
+    bench.add_argument("--mib", type=int, default=64, help="local g2h/h2g: MiB per run")
+    bench.add_argument("--port-mib", type=int, default=16,
+                       help="ports8, idle: MiB per port each way per run")
+    bench.add_argument("--console-mib", type=int, default=16, help="console: MiB per run")
+    bench.add_argument("--rtt-n", type=int, default=1000, help="round trips per run")
+    bench.add_argument("--idle-s", type=float, default=5.0,
+                       help="idle: seconds per idle window (one per run)")
     bench.add_argument("--rig", help="the e2e rig directory (default ../shared/e2e)")
-    bench.add_argument("--json", help="also write the results here")
+    bench.add_argument("--json", help="also write every figure here")
     return p
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import socket
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -126,6 +127,29 @@ def _labels(**kv: object) -> str:
     return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in kv.items()) + "}"
 
 
+Metric = Callable[[str, str, str, list[tuple[dict[str, object], float]]], None]
+
+
+def backend_metrics(metric: Metric,
+                    ports: list[tuple[int, str, Mapping[str, object]]]) -> None:
+    """Each backend's own counters (`ctl stats` ports.N.backend) as
+    `vhostser_backend_<counter>_total`: a counter by reason (a peer backend's
+    `bytes_dropped_unsent`) gets a `reason` label. Every backend counter only grows."""
+    samples: dict[str, list[tuple[dict[str, object], float]]] = {}
+    for pid, name, counters in ports:
+        for counter, value in counters.items():
+            labels: dict[str, object] = {"port": pid, "name": name}
+            if isinstance(value, dict):
+                samples.setdefault(counter, []).extend(
+                    ({**labels, "reason": r}, v) for r, v in sorted(value.items()))
+            elif isinstance(value, int) and not isinstance(value, bool):
+                samples.setdefault(counter, []).append((labels, value))
+    for counter, values in sorted(samples.items()):
+        metric(f"backend_{counter}_total", "counter",
+               f"The port's backend's {counter} (ctl stats: ports.N.backend.{counter}).",
+               values)
+
+
 def prometheus(daemon: Daemon) -> str:
     """The counters in Prometheus text exposition format."""
     vm = daemon.cfg.name
@@ -170,6 +194,8 @@ def prometheus(daemon: Daemon) -> str:
            [({"port": pid, "name": p.name}, p.counters.resets_seen) for pid, p in ports])
     metric("port_backend_failures_total", "counter", "Times the port's backend raised.",
            [({"port": pid, "name": p.name}, p.counters.backend_failures) for pid, p in ports])
+    backend_metrics(metric, [(pid, p.name, daemon.device.backend_counters(pid))
+                             for pid, p in ports])
     dev = daemon.device.counters
     metric("control_messages_total", "counter", "Control messages, by direction.",
            [({"direction": "from_guest"}, dev.control_from_guest),

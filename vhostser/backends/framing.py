@@ -113,6 +113,38 @@ def encode_data(session: int, data: bytes | memoryview) -> Iterator[bytes]:
         yield encode(Data(session, bytes(view[start : start + MAX_DATA])))
 
 
+def frame_size(head: bytes | memoryview, *, accept_open: bool = False) -> int | None:
+    """The wire size of the frame `head` starts (None: too few bytes to say yet); FrameError
+    as soon as the bytes there show it is not a valid frame."""
+    if len(head) < 4:
+        return None
+    (length,) = struct.unpack_from(">I", head)
+    if not 1 <= length <= MAX_FRAME:
+        raise FrameError(f"frame length {length} not in 1..{MAX_FRAME}")
+    if len(head) >= 5 and head[4] not in (FrameType.DATA, FrameType.CLOSE) and not (
+        accept_open and head[4] == FrameType.OPEN
+    ):
+        raise FrameError(f"unexpected frame type {head[4]}")
+    return 4 + length
+
+
+def decode(wire: bytes | memoryview) -> Frame:
+    """The one whole frame `wire` holds (its size as `frame_size` gave it, type checked)."""
+    ftype = FrameType(wire[4])
+    body = bytes(wire[5:])
+    if len(body) < SESSION.size:
+        raise FrameError(f"{ftype.name} frame body of {len(body)} bytes has no session id")
+    (session,) = SESSION.unpack_from(body)
+    rest = body[SESSION.size :]
+    if ftype is FrameType.DATA:
+        return Data(session, rest)
+    try:
+        text = rest.decode()
+    except UnicodeDecodeError:
+        raise FrameError(f"{ftype.name} frame text is not UTF-8") from None
+    return Open(session, text) if ftype is FrameType.OPEN else Close(session, text)
+
+
 class FrameDecoder:
     """Feed bytes in, take frames out. After a FrameError every later call raises it again."""
 
@@ -139,40 +171,13 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         try:
-            return self._next()
+            size = frame_size(self._buf, accept_open=self._accept_open)
+            if size is None or len(self._buf) < size:
+                return None
+            wire = bytes(self._buf[:size])
+            del self._buf[:size]
+            return decode(wire)
         except FrameError as e:
             self._error = e
             self._buf.clear()
             raise
-
-    def _next(self) -> Frame | None:
-        buf = self._buf
-        if len(buf) < 4:
-            return None
-        (length,) = struct.unpack_from(">I", buf)
-        if not 1 <= length <= MAX_FRAME:
-            raise FrameError(f"frame length {length} not in 1..{MAX_FRAME}")
-        if len(buf) >= 5:
-            self._check_type(buf[4])
-        if len(buf) < 4 + length:
-            return None
-        body = bytes(buf[5 : 4 + length])
-        ftype = FrameType(buf[4])
-        del buf[: 4 + length]
-        if len(body) < SESSION.size:
-            raise FrameError(f"{ftype.name} frame body of {len(body)} bytes has no session id")
-        (session,) = SESSION.unpack_from(body)
-        rest = body[SESSION.size :]
-        if ftype is FrameType.DATA:
-            return Data(session, rest)
-        try:
-            text = rest.decode()
-        except UnicodeDecodeError:
-            raise FrameError(f"{ftype.name} frame text is not UTF-8") from None
-        return Open(session, text) if ftype is FrameType.OPEN else Close(session, text)
-
-    def _check_type(self, value: int) -> None:
-        if value not in (FrameType.DATA, FrameType.CLOSE) and not (
-            self._accept_open and value == FrameType.OPEN
-        ):
-            raise FrameError(f"unexpected frame type {value}")

@@ -51,21 +51,40 @@ starts the next session there; otherwise H comes back at the guest's next open.
 
 from __future__ import annotations
 
+import array
+import dataclasses
+import fcntl
 import logging
 import math
+import os
 import select
+import socket
+import termios
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Self, cast
 
 import trio
 
-from ..console.port import Counters, Session
+from ..console.core import MAX_TX_CHAIN_BYTES
+from ..console.port import Counters, Custody, Session
 from ..console.session import Reason, State
+from ..console.staging import Staging
 from ..options import Options
 from ..pacing import BACKOFF_MAX, backoff_delays
 from ..sockets import ListenerCounters, accept_connection
-from .framing import Close, Data, FrameDecoder, FrameError, Open, encode, encode_data
+from .framing import (
+    MAX_DATA,
+    MAX_FRAME,
+    Close,
+    Data,
+    FrameError,
+    Open,
+    decode,
+    encode,
+    encode_data,
+    frame_size,
+)
 from .options import ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
@@ -179,23 +198,50 @@ class PeerCounters(Counters):
     stale_frames: int = 0  # DATA/CLOSE frames naming a session that is not open
 
 
-class Peer:
-    """One connection: a bounded queue towards it and the task that drains the queue."""
+# A peer's queue holds up to peer_queue bytes, or one guest write however large (a tx chain,
+# framed: split into DATA frames), plus the OPEN/CLOSE frames that come outside flow control.
+FRAMES_SLACK = 64 * 1024
+# A framed peer's inbox holds the frame being read (at most MAX_FRAME + 4) and one read more.
+INBOX_CAPACITY = 4 + MAX_FRAME + READ_CHUNK
 
-    def __init__(self, sock: trio.socket.SocketType, label: str, limit: int) -> None:
+
+def queue_capacity(limit: int) -> int:
+    one_write = MAX_TX_CHAIN_BYTES + (MAX_TX_CHAIN_BYTES // MAX_DATA + 1) * 13
+    return max(limit, one_write) + FRAMES_SLACK
+
+
+class Peer:
+    """One connection: a bounded queue towards it and the task that drains the queue.
+
+    The queue (`out`) and, framed, the bytes read from the peer that are not handled yet
+    (`inbox`) are FIFOs the port's custody holds, so that they outlive the process when the
+    socket does (see "Continuity" in the module doc)."""
+
+    def __init__(self, sock: trio.socket.SocketType, serial: int, label: str, limit: int,
+                 custody: Custody, *, framed: bool) -> None:
         self.stream = trio.SocketStream(sock)
+        self.serial = serial
         self.label = label
         self.limit = limit
-        self.out = bytearray()
+        self.custody = custody
+        self.out = custody.fifo(f"peerq.{serial}", queue_capacity(limit))
+        self.inbox = custody.fifo(f"peerin.{serial}", INBOX_CAPACITY) if framed else None
+        # Framed: payload bytes of the inbox's first frame already delivered, as (the inbox's
+        # consumed count where that frame starts, how many): a hand-over goes on after them.
+        self.partial: tuple[int, int] | None = None
         self.scope = trio.CancelScope()
         self.closing = False  # flush what is queued, then hang up (a session ended)
         self.dropped: str | None = None  # why we cut it off
         self.full_since: float | None = None  # drop-peer: when its queue first refused bytes
         self.session: Session | None = None  # session mode: the session it lives
-        self.early = bytearray()  # session mode: bytes read before its session opened
         self.wait_scope: trio.CancelScope | None = None  # interrupted on bind / close
-        self.decoder = FrameDecoder()
+        self._scratch = bytearray(READ_CHUNK)  # where consumed bytes go (they were peeked)
         self._wake = trio.Event()
+
+    @property
+    def name(self) -> str:
+        """Its socket's name in the port's custody."""
+        return f"peer.{self.serial}"
 
     def __repr__(self) -> str:
         return f"<Peer {self.label} queued={len(self.out)}>"
@@ -206,11 +252,15 @@ class Peer:
 
     def can_take(self, n: int) -> bool:
         """Room for n more bytes (an empty queue takes any one chunk, however large)."""
-        return not self.out or len(self.out) + n <= self.limit
+        return not len(self.out) or len(self.out) + n <= self.limit
 
-    def push(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
+    def push(self, data: bytes | bytearray | memoryview) -> bool:
+        """Queue `data` whole, or nothing (False: the queue is full even past its slack)."""
+        if len(data) > self.out.room:
+            return False
+        self.out.append(data)
         self._wake.set()
+        return True
 
     def interrupt_wait(self) -> None:
         if self.wait_scope is not None:
@@ -229,8 +279,13 @@ class Peer:
             self.dropped = why
         self.scope.cancel()
 
-    def close_socket(self) -> None:
+    def close(self) -> None:
+        """Let go of the socket and the FIFOs (out of custody first)."""
+        self.custody.release(self.name)
         self.stream.socket.close()
+        self.out.close()
+        if self.inbox is not None:
+            self.inbox.close()
 
     def hung_up(self) -> bool:
         """The peer shut down its sending side or closed; the reader may not have seen it yet."""
@@ -238,19 +293,44 @@ class Peer:
         poller.register(self.stream.socket.fileno(), select.POLLRDHUP)
         return bool(poller.poll(0))
 
+    def unread(self) -> int:
+        """Bytes the peer sent that are still in the socket (never read)."""
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.stream.socket.fileno(), termios.FIONREAD, count)
+        except OSError:
+            return 0
+        return count[0]
+
+    async def peek(self, limit: int = READ_CHUNK) -> bytes:
+        """What the peer sent, left in the socket until `consume`d: bytes leave the socket
+        only once they are where a successor finds them. b"" once it hung up."""
+        data: bytes = await self.stream.socket.recv(limit, socket.MSG_PEEK)
+        return data
+
+    def consume(self, n: int) -> None:
+        """Take n peeked bytes out of the socket, now: no checkpoint between a copy of them
+        and this (a hand-over would leave them to be delivered twice)."""
+        fd = self.stream.socket.fileno()
+        while n > 0:
+            got = os.readv(fd, [memoryview(self._scratch)[: min(n, READ_CHUNK)]])
+            if got <= 0:
+                raise ConnectionError(f"{n} peeked bytes are gone from the socket")
+            n -= got
+
     async def write_loop(self, on_sent: Callable[[int], None]) -> None:
         """Drain the queue into the socket (`on_sent(n)` after each write: n bytes are the
         socket's now); when closing, flush and send EOF, then return."""
         while True:
-            if not self.out:
+            if not len(self.out):
                 if self.closing:
                     break
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
             # One send at a time, not send_all: what a failing socket took is known exactly.
-            n = await self.stream.socket.send(bytes(self.out[:WRITE_CHUNK]))
-            del self.out[:n]
+            n = await self.stream.socket.send(self.out.peek(WRITE_CHUNK))
+            self.out.consume(n)
             on_sent(n)
         await self.stream.send_eof()
 

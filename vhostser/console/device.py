@@ -50,7 +50,7 @@ from .core import (
     StateChanged,
     Wake,
 )
-from .port import Port, PortBackend
+from .port import Custody, Port, PortBackend
 from .session import Input
 from .state import DeviceCounters, DeviceState, PortConfig, StateError
 
@@ -108,6 +108,8 @@ class ConsoleDevice:
         self.on_broken: Callable[[Vring | None, str], None] = lambda vring, reason: None
         # Called when the config space changed (console size) so the front end tells the guest.
         self.on_config_change: Callable[[], None] = lambda: None
+        # Where a port's backend keeps what outlives the process (the daemon: the fd store).
+        self.custody_for: Callable[[int], Custody] = lambda port_id: Custody()
 
     @property
     def state(self) -> DeviceState:
@@ -158,7 +160,8 @@ class ConsoleDevice:
 
     def _attach(self, config: PortConfig, backend: PortBackend,
                 remake: Callable[[], PortBackend] | None) -> Port:
-        port = self.ports[config.id] = Port(self.core, config, backend, self.settle)
+        port = self.ports[config.id] = Port(self.core, config, backend, self.settle,
+                                            self.custody_for(config.id))
         keeper = self._keepers[config.id] = _Keeper(port, remake, trio.CancelScope())
         self._nursery.start_soon(self._keep_backend, keeper)
         self.settle()

@@ -18,16 +18,19 @@ device layer (`settle`) before returning.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import trio
 
 from .core import ConsoleCore, Credit, Output, SessionClosed, SessionOpened, StateChanged
 from .session import Input, Reason, State
+from .staging import HEADER_SIZE, Staging
 from .state import PortConfig, PortCounters, Session
 
-__all__ = ["Counters", "Port", "PortBackend", "Reason", "Session", "State"]
+__all__ = ["Counters", "Custody", "Port", "PortBackend", "Reason", "Session", "State"]
 
 log = logging.getLogger("vhostser.console")
 
@@ -38,6 +41,50 @@ class Counters:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+class Custody:
+    """Where a port's backend keeps what must outlive the daemon's process: its own fds (a
+    listening socket, connected peers) and the FIFOs of bytes in flight, under names local to
+    the port. The daemon's subclass puts them in the service manager's fd store and gives a
+    successor back what its predecessor kept; this base keeps nothing, which is what a
+    restart without a service manager is: the backend starts anew.
+
+    The rules: `keep` an fd as soon as it is held and `release` it before closing it; a name
+    the predecessor kept is `take`n once (None: it kept none); `saved` is the predecessor's
+    `PortBackend.continuity()`, and `changed()` says the backend's own has changed (so it
+    reaches the state region before anything can depend on it). While `handing_over` the
+    process is stopping for a successor: nothing may be closed for good (a socket file
+    unlinked, queued bytes dropped), since the successor goes on with it."""
+
+    enabled = False
+    saved: Mapping[str, Any] = {}
+
+    @property
+    def handing_over(self) -> bool:
+        return False
+
+    def keep(self, name: str, fd: int) -> None:
+        pass
+
+    def release(self, name: str) -> None:
+        pass
+
+    def take(self, name: str) -> int | None:
+        return None
+
+    def kept(self, prefix: str) -> list[str]:
+        """The names under `prefix` the predecessor kept and nobody took yet."""
+        return []
+
+    def fifo(self, name: str, capacity: int) -> Staging:
+        """A FIFO of `capacity` bytes (the predecessor's, if it kept one under `name` of that
+        capacity, with what it still held). `release(name)` when done with it. Here: anonymous
+        memory, whose pages are only made as the FIFO first reaches them."""
+        return Staging(memoryview(mmap.mmap(-1, HEADER_SIZE + capacity)))
+
+    def changed(self) -> None:
+        pass
 
 
 class PortBackend:
@@ -92,6 +139,11 @@ class PortBackend:
     async def run(self) -> None:
         """Long-running work (listening for peers...), cancelled when the port goes away."""
 
+    def continuity(self) -> dict[str, Any]:
+        """What a successor needs besides the fds in `port.custody` to go on where this
+        backend stands (JSON-able; `custody.saved` gives it back)."""
+        return {}
+
 
 class Port:
     """One port as its backend sees it; see the module doc."""
@@ -102,11 +154,13 @@ class Port:
         config: PortConfig,
         backend: PortBackend,
         settle: Callable[[], None],
+        custody: Custody | None = None,
     ) -> None:
         self._core = core
         self.config = config
         self.backend = backend
         self._settle = settle
+        self.custody = custody if custody is not None else Custody()
         # This port's state; a port re-added under the same id later is another one.
         self._state = core.state.ports[config.id]
         self._writable = trio.Event()

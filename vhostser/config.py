@@ -46,11 +46,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .backends import registry
 from .console import DEFAULT_STAGING, PortBackend, PortConfig
 from .options import OptionError, Options, collecting
+from .sockets import PeerPolicy
 
 T = TypeVar("T")
 
@@ -62,7 +63,14 @@ class PortSpec:
     config: PortConfig
     backend_type: str
     backend_options: dict[str, Any]
-    make_backend: Callable[[], PortBackend]
+    make_backend: BackendMaker
+
+
+class BackendMaker(Protocol):
+    """A new backend for a port; `peers`, who may connect to its unix sockets unless its own
+    options say (the daemon passes the [vm] table's allow lists)."""
+
+    def __call__(self, peers: PeerPolicy = ...) -> PortBackend: ...
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,9 @@ def test_from_options_makes_no_sockets_or_files(tmp_path: Path) -> None:
         ("unix", {"path": 5}, f"{W}.path: expected a non-empty string, got 5"),
         ("unix", {"path": "/a", "pth": 1}, f"{W}.pth: unknown key (did you mean path?)"),
         ("unix", {"path": "/a", "colour": 1}, f"{W}.colour: unknown key (expected one of "
-                                              "max_peers, mode, path, peer_queue, role, "
-                                              "slow_peer)"),
+                                              "allow_gids, allow_uids, max_peers, mode, path, "
+                                              "peer_queue, role, slow_peer, socket_group, "
+                                              "socket_mode)"),
         ("unix", {"path": "/a", "role": "listen"},
          f'{W}.role: expected one of "server", "client", got \'listen\''),
         ("unix", {"path": "/a", "mode": "packet"},

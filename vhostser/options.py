@@ -186,14 +186,14 @@ class Options:
         """A unix socket file's mode: read and write for its owner, perhaps bits for its
         group, none for others (who could connect to what is the daemon's). An integer
         (0o660) or a string ("0660", "0o660", "660")."""
-        value = self.table.get(key, default)
+        raw = value = self.table.get(key, default)
         if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{3}", value):
             value = int(value.removeprefix("0o"), 8)
         if not isinstance(value, int) or isinstance(value, bool) or (
             value & 0o600 != 0o600 or value & ~0o770
         ):
             self.fail(key, "a file mode with read and write for the owner and no bits "
-                      "for others, like 0o600 or 0o660", value)
+                      "for others, like 0o600 or 0o660", raw)
         return value
 
     def group(self, key: str) -> int | None:

@@ -20,8 +20,9 @@ Unknown keys are errors: a typo must never be silently ignored.
     resize_order = "cols-rows"             # RESIZE payload order: spec's, or "rows-cols"
     socket_mode = 0o660                    # the vhost-user socket's mode (default 0o600)
     socket_group = "kvm"                   # and group: for a QEMU running as another user
-    allow_uids = [64055]                   # who may connect to the vhost-user and admin
-    allow_gids = ["kvm"]                   # sockets besides the daemon's user (SO_PEERCRED)
+    allow_uids = [64055]                   # who may connect to the vhost-user, admin and
+    allow_gids = ["kvm"]                   # backend sockets besides the daemon's user
+                                           # (SO_PEERCRED; a backend may have its own lists)
     allowed_dirs = ["/var/log/vhostser"]   # where admin add-port may name files, sockets
     allow_remote_bind = false              # admin add-port: tcp listeners on loopback only
 

@@ -144,3 +144,18 @@ async def test_floods_of_bad_input_log_a_few_lines_and_count_all() -> None:
                        "SET_VRING_NUM: rejected"):
             assert len(d.log_lines(needle)) == BURST, needle
         await echo_works(d)
+
+
+async def test_a_ring_broken_after_a_device_reset_is_still_reported() -> None:
+    # QEMU gives a ring's err eventfd once, when it realizes the device: a reset must not
+    # take it away, or a guest breaking a ring after a reboot goes unreported.
+    with daemon_process() as d:
+        async with guest(d) as (fe, driver):
+            await driver.reinit(reset_device=True)
+            (one,) = await open_ports(driver, "org.test.one")
+            assert await echo_roundtrip(one, b"after the reset" * 100) == b"after the reset" * 100
+            fe.queue(tx_queue(1)).set_avail_idx(0x8000)
+            fe.kick(tx_queue(1), force=True)
+            assert await fe.wait_err(tx_queue(1), timeout=10) == 1
+        assert (await d.stats())["device"]["rings_broken"] == 1
+        await echo_works(d)

@@ -105,6 +105,10 @@ PLAN = (
     PortPlan(7, "unix", "hostile-guest"),
 )
 DISRUPTIONS = ("device-reset", "frontend-reconnect", "guest-reinit", "ports-reopen")
+# Done while ports 4-7 carry traffic (once the clean ones are at rest): the rest between
+# epochs, as a front end reconnecting without stopping the rings leaves no count of what was
+# in them, and a port's reopen by the guest is what port 5 does all the time anyway.
+UNDER_LOAD = ("device-reset", "guest-reinit")
 
 
 def config(tmp: Path, tcp_port: int, reload_port: bool) -> str:
@@ -359,8 +363,10 @@ class Guest:
         if self._aliased_gpa is None:
             self._aliased_gpa = fe.alloc(ALIASED_PIECE)
         q = fe.queue(port.tx_queue)
-        while not stop():
+        while True:
             await trio.sleep(self.rng.uniform(0.2, 0.6))
+            if stop():
+                return
             if q.free_descriptors >= ALIASED_PIECES:
                 add_aliased_tx_chain(fe, port.tx_queue, self._aliased_gpa, ALIASED_PIECE,
                                      ALIASED_PIECES)
@@ -445,6 +451,13 @@ def port_checks(plan: PortPlan, s: dict[str, Any], guest: dict[str, Any],
         out.append(Check(pid, "peers cut off = malformed frames sent",
                          backend["peers_malformed"], events.malformed_frames))
     return out
+
+
+def at_rest(check: Check) -> bool:
+    """What must hold before a disruption under load: the clean ports at rest, and port 7's
+    abuse (which stopped with them) all counted."""
+    return (check.port is None or PLAN[check.port].role == "clean"
+            or check.what.startswith("too-long"))
 
 
 def device_checks(stats: dict[str, Any], events: Events) -> list[Check]:
@@ -584,14 +597,18 @@ class Soak:
                                self.hosts.get(p.id), console, self.events)
         return out
 
-    async def quiesce(self, epoch: int) -> None:
-        """Until every check holds twice in a row with the receivers' counts unchanged."""
+    async def quiesce(self, epoch: int, only: Callable[[Check], bool] | None = None) -> None:
+        """Until every check (or those `only` picks) holds twice in a row with the receivers'
+        counts unchanged."""
         deadline = trio.current_time() + QUIESCE_TIMEOUT
         before: tuple[Any, ...] | None = None
         while True:
-            checks = await self.checks()
+            checks = [c for c in await self.checks() if only is None or only(c)]
+            # Only the ports at rest must stop moving: the others carry traffic meanwhile.
+            watched = {p.id for p in PLAN if only is None or p.role == "clean"}
             now = (tuple((c.left, c.right) for c in checks),
-                   tuple(f.received for pair in self.flows.values() for f in pair))
+                   tuple(f.received for pid, pair in self.flows.items() if pid in watched
+                         for f in pair))
             if all(c.ok for c in checks) and now == before:
                 self.last_checks = checks
                 return
@@ -606,31 +623,58 @@ class Soak:
 
     # -------------------------------------------------------------- epochs
 
-    async def epoch(self, epoch: int, ports: dict[int, GuestPort], nursery: trio.Nursery) -> None:
-        stopping = trio.Event()
-        stop = stopping.is_set
+    async def epoch(self, epoch: int, ports: dict[int, GuestPort], nursery: trio.Nursery,
+                    kind: str) -> None:
+        """Traffic, a reload; then, for a disruption under load, the clean ports and port 7's
+        abuse come to rest, the guest's processes stop and the disruption is done while the
+        host peers go on; the senders stop; quiescence."""
+        calm_event, stop_event = trio.Event(), trio.Event()
+        calm, stop = calm_event.is_set, stop_event.is_set
         guest = self.guest
-        async with trio.open_nursery() as readers:
-            for p in PLAN:
-                g2h, h2g = self.flows[p.id]
-                readers.start_soon(guest.read, ports[p.id], g2h if p.kind == "echo" else h2g)
-            with trio.fail_after(self.opts.epoch + PHASE_TIMEOUT):
-                async with trio.open_nursery() as actors:
+        readers: list[trio.CancelScope] = []
+
+        async def read(port: GuestPort, flow: Flow) -> None:
+            with trio.CancelScope() as scope:
+                readers.append(scope)
+                await guest.read(port, flow)
+
+        with trio.fail_after(self.opts.epoch + 4 * PHASE_TIMEOUT):
+            async with trio.open_nursery() as reader_tasks:
+                for p in PLAN:
+                    g2h, h2g = self.flows[p.id]
+                    reader_tasks.start_soon(read, ports[p.id], g2h if p.kind == "echo" else h2g)
+                async with trio.open_nursery() as host_tasks:
                     for p in PLAN:
-                        g2h, _ = self.flows[p.id]
-                        actors.start_soon(guest.write_until, ports[p.id], g2h, stop)
                         if p.peer:
-                            actors.start_soon(self.host_side, p, stop, nursery)
-                        if p.role == "guest-flaps":
-                            actors.start_soon(guest.flap, ports[p.id], self.events, stop)
-                        if p.role == "hostile-guest":
-                            actors.start_soon(guest.abuse, ports[p.id], self.events, stop)
-                    await trio.sleep(self.rng.uniform(0.3, 0.7) * self.opts.epoch)
-                    await self.reload()
-                    await trio.sleep_until(self.t_epoch + self.opts.epoch)
-                    stopping.set()
-            await self.quiesce(epoch)
-            readers.cancel_scope.cancel()
+                            host_tasks.start_soon(self.host_side, p,
+                                                  calm if p.role == "clean" else stop, nursery)
+                    async with trio.open_nursery() as guest_tasks:
+                        for p in PLAN:
+                            port, (g2h, _) = ports[p.id], self.flows[p.id]
+                            guest_tasks.start_soon(guest.write_until, port, g2h,
+                                                   calm if p.role == "clean" else stop)
+                            if p.role == "guest-flaps":
+                                guest_tasks.start_soon(guest.flap, port, self.events, stop)
+                            if p.role == "hostile-guest":
+                                guest_tasks.start_soon(guest.abuse, port, self.events, calm)
+                        await trio.sleep(self.rng.uniform(0.3, 0.7) * self.opts.epoch)
+                        await self.reload()
+                        await trio.sleep_until(self.t_epoch + self.opts.epoch)
+                        calm_event.set()
+                        if kind in UNDER_LOAD:
+                            await self.quiesce(epoch, at_rest)
+                            if kind == "device-reset":
+                                await self.break_ring()
+                            guest_tasks.cancel_scope.cancel()  # the guest's processes stop
+                        else:
+                            stop_event.set()
+                    if kind in UNDER_LOAD:
+                        for scope in readers:
+                            scope.cancel()
+                        await self.disrupt(kind)
+                        stop_event.set()
+                await self.quiesce(epoch)
+                reader_tasks.cancel_scope.cancel()
         log = self.console_bytes()
         self.flows[0][0].receive(log[self.console_seen:])
         self.console_seen = len(log)
@@ -639,6 +683,18 @@ class Soak:
             h2g.close_epoch(epoch)
         self.quiet_samples.append(self.sample())
         self.events.epochs += 1
+
+    async def break_ring(self) -> None:
+        """Port 7's guest breaks its tx ring (an avail idx 32768 ahead) while it writes on:
+        the daemon stops that ring only; what is in it is lost at the reset."""
+        assert self.guest.driver is not None
+        fe = self.guest.driver.fe
+        index = tx_queue(7)
+        fe.queue(index).set_avail_idx(0x8000)
+        fe.kick(index, force=True)
+        await fe.wait_err(index, timeout=PHASE_TIMEOUT)
+        self.events.rings_broken += 1
+        await trio.sleep(0.2)
 
     async def host_side(self, p: PortPlan, stop: Callable[[], bool],
                         nursery: trio.Nursery) -> None:
@@ -672,12 +728,6 @@ class Soak:
             return True
         with trio.fail_after(PHASE_TIMEOUT):
             if kind == "device-reset":
-                fe = driver.fe
-                index = tx_queue(7)
-                fe.queue(index).set_avail_idx(0x8000)  # port 7's guest breaks its tx ring
-                fe.kick(index, force=True)
-                await fe.wait_err(index, timeout=PHASE_TIMEOUT)
-                self.events.rings_broken += 1
                 await driver.reinit(reset_device=True)
             elif kind == "guest-reinit":
                 await driver.reinit()
@@ -713,14 +763,15 @@ class Soak:
                         while not reconnect:
                             self.t_epoch = trio.current_time()
                             ports = await self.guest.open_ports()
-                            await self.epoch(epoch, ports, nursery)
+                            kind = DISRUPTIONS[epoch % len(DISRUPTIONS)]
+                            await self.epoch(epoch, ports, nursery, kind)
                             epoch += 1
                             if time.monotonic() >= deadline and epoch >= 2:
                                 await self.finish()
                                 nursery.cancel_scope.cancel()
                                 return
-                            reconnect = await self.disrupt(DISRUPTIONS[
-                                (epoch - 1) % len(DISRUPTIONS)])
+                            if kind not in UNDER_LOAD:
+                                reconnect = await self.disrupt(kind)
                         guest_tasks.cancel_scope.cancel()
                 with trio.fail_after(PHASE_TIMEOUT):  # the daemon notices the front end left
                     while (await self.ask("status"))["frontend_connected"]:

@@ -611,6 +611,11 @@ def parser() -> argparse.ArgumentParser:
                       help="seconds between two samples of the daemon's RSS and fds (default 2)")
     soak.add_argument("--seed", type=int, help="the random seed (default: a random one, "
                       "printed in the JSON report)")
+    soak.add_argument("--max-rss-growth-mb", type=float,
+                      help="fail if the daemon's VmRSS grows more from the first quiescence "
+                      "to the last (default 32)")
+    soak.add_argument("--max-fd-growth", type=int,
+                      help="fail if the daemon's open fds grow more (default 4)")
     soak.add_argument("--json", help="also write the whole report here")
     return p
 

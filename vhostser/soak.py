@@ -73,6 +73,7 @@ CHUNK = 16 * 1024  # largest write, either side
 PACE = 0.01  # seconds between a sender's writes: a soak, not a benchmark
 QUIESCE_TIMEOUT = 30.0
 PHASE_TIMEOUT = 60.0  # any other step (a reload, a reset, opening the ports)
+# Default bounds on growth from the first quiescence to the last.
 MAX_RSS_GROWTH_MB = 32.0
 MAX_FD_GROWTH = 4
 ALIASED_PIECE, ALIASED_PIECES = 512 * 1024, 3  # a chain claiming 1.5 MiB
@@ -519,6 +520,8 @@ class Options:
     epoch: float
     sample: float
     seed: int
+    max_rss_growth_mb: float = MAX_RSS_GROWTH_MB
+    max_fd_growth: int = MAX_FD_GROWTH
 
 
 class Soak:
@@ -820,17 +823,18 @@ class Soak:
                 failures.append(f"port 6 g2h: {lost} payload bytes lost, more than the "
                                 f"{wire} frame bytes dropped unsent")
         growth = self.growth()
-        if growth["rss_MB"] > MAX_RSS_GROWTH_MB:
+        bounds = {"rss_MB": self.opts.max_rss_growth_mb, "fds": self.opts.max_fd_growth}
+        if growth["rss_MB"] > bounds["rss_MB"]:
             failures.append(f"VmRSS grew {growth['rss_MB']:.1f} MB from the first quiescence "
-                            f"to the last (bound {MAX_RSS_GROWTH_MB} MB)")
-        if growth["fds"] > MAX_FD_GROWTH:
+                            f"to the last (bound {bounds['rss_MB']:g} MB)")
+        if growth["fds"] > bounds["fds"]:
             failures.append(f"open fds grew by {growth['fds']} from the first quiescence to the "
-                            f"last (bound {MAX_FD_GROWTH})")
+                            f"last (bound {bounds['fds']})")
         return {"seed": self.opts.seed, "duration_s": round(time.monotonic() - self.t0, 1),
                 "daemon_alive": self.d.alive(), "responsive": self.responsive,
                 "events": _events(self.events),
                 "ports": rows, "memory": self.memory(), "growth": growth,
-                "bounds": {"rss_MB": MAX_RSS_GROWTH_MB, "fds": MAX_FD_GROWTH},
+                "bounds": bounds,
                 "samples": self.samples, "quiescent_samples": self.quiet_samples,
                 "failures": failures, "ok": not failures}
 
@@ -890,9 +894,10 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"{what}: min {m[key]['min']:g}, max {m[key]['max']:g}, "
                          f"last {m[key]['last']:g}")
     g = report["growth"]
+    b = report["bounds"]
     lines.append(f"growth first to last quiescence: VmRSS {g['rss_MB']:+g} MB, RssAnon "
-                 f"{g['anon_MB']:+g} MB, fds {g['fds']:+d} (bounds {MAX_RSS_GROWTH_MB:g} MB, "
-                 f"{MAX_FD_GROWTH})")
+                 f"{g['anon_MB']:+g} MB, fds {g['fds']:+d} (bounds {b['rss_MB']:g} MB, "
+                 f"{b['fds']})")
     ev = report["events"]
     lines.append("events: " + ", ".join(
         f"{k} {v}" if not isinstance(v, dict) else
@@ -906,7 +911,11 @@ def table(report: dict[str, Any]) -> str:
 
 def main(args: Any) -> int:
     opts = Options(duration=args.duration, epoch=args.epoch, sample=args.sample,
-                   seed=args.seed if args.seed is not None else random.randrange(1 << 32))
+                   seed=args.seed if args.seed is not None else random.randrange(1 << 32),
+                   max_rss_growth_mb=MAX_RSS_GROWTH_MB if args.max_rss_growth_mb is None
+                   else args.max_rss_growth_mb,
+                   max_fd_growth=MAX_FD_GROWTH if args.max_fd_growth is None
+                   else args.max_fd_growth)
     tcp_port = _free_tcp_port()
     sockets = ["vu.sock", "ctl.sock", *(f"port{p.id}.sock" for p in PLAN
                                         if p.kind in ("unix", "framed"))]

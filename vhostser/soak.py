@@ -283,8 +283,8 @@ class Guest:
     """The guest's processes on the ports: what they wrote and read, over every GuestPort the
     driver ever had (each reinit or reconnect makes new ones)."""
 
-    def __init__(self, flows: dict[int, tuple[Flow, Flow]], rng: random.Random) -> None:
-        self.flows, self.rng = flows, rng  # port -> (g2h, h2g)
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
         self.driver: ConsoleDriver | None = None
         self.fe: FrontEnd | None = None
         self.seen: dict[int, list[GuestPort]] = {p.id: [] for p in PLAN}
@@ -530,7 +530,7 @@ class Soak:
         self.rng = random.Random(opts.seed)
         self.events = Events()
         self.flows = {p.id: (Flow(), Flow()) for p in PLAN}  # (g2h, h2g)
-        self.guest = Guest(self.flows, random.Random(self.rng.random()))
+        self.guest = Guest(random.Random(self.rng.random()))
         self.hosts: dict[int, HostPeer] = {}
         self.samples: list[dict[str, float]] = []
         self.quiet_samples: list[dict[str, float]] = []

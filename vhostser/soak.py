@@ -688,12 +688,14 @@ class Soak:
         self.events.epochs += 1
 
     async def break_ring(self) -> None:
-        """Port 7's guest breaks its tx ring (an avail idx 32768 ahead) while it writes on:
-        the daemon stops that ring only; what is in it is lost at the reset."""
+        """Port 7's guest breaks its tx ring (a head out of range, which its writes after it
+        cannot undo as they would an avail idx) while it writes on: the daemon stops that
+        ring only; what is in it is lost at the reset."""
         assert self.guest.driver is not None
         fe = self.guest.driver.fe
         index = tx_queue(7)
-        fe.queue(index).set_avail_idx(0x8000)
+        q = fe.queue(index)
+        q.publish(q.size)
         fe.kick(index, force=True)
         await fe.wait_err(index, timeout=PHASE_TIMEOUT)
         self.events.rings_broken += 1

@@ -23,8 +23,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
          "--seed", "9", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     report: dict[str, Any] = json.loads(out.read_text())
+    assert r.returncode == 0, (report["failures"], r.stderr[-3000:])
     assert "failures: none" in r.stdout and "daemon alive and answering at the end: yes" in r.stdout
     return report
 

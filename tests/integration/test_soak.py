@@ -76,14 +76,14 @@ def test_memory_and_fds_are_sampled_and_bounded(report: dict[str, Any]) -> None:
 
 
 def test_a_failed_invariant_is_exit_status_1(tmp_path: Path) -> None:
-    # An fd bound no daemon can meet: the failure path, end to end.
+    # A bound no daemon can meet (VmRSS shrinking by a GB): the failure path, end to end.
     out = tmp_path / "soak.json"
     r = subprocess.run(
         [sys.executable, "-m", "vhostser", "soak", "--duration", "1", "--epoch", "1",
-         "--max-fd-growth", "-1", "--json", str(out)],
+         "--max-rss-growth-mb", "-1000", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     report = json.loads(out.read_text())
     assert r.returncode == 1, r.stdout + r.stderr
-    assert not report["ok"] and any("open fds grew" in f for f in report["failures"])
+    assert not report["ok"] and any("VmRSS grew" in f for f in report["failures"])
     assert "failures: none" not in r.stdout

@@ -13,8 +13,10 @@ Every port carries traffic both ways, with a sha256 at each end, in epochs:
   rotated, and the daemon sent SIGHUP.
 * quiescence: the senders stop; the epoch ends once every byte is where the counters say
   (see `checks`), else that is a hang.
-* a disruption, in turn: device reset (with port 7's tx ring broken first), front end
-  disconnect and reconnect, guest driver reinit, every port closed and reopened.
+* a disruption, in turn: a device reset (port 7's tx ring broken first) and a guest driver
+  reinit, both under load at the end of the traffic (the clean ports and port 7's abuse come
+  to rest first, the host peers send on); a front end disconnect and reconnect and every port
+  closed and reopened, after the quiescence.
 
 Checks at every quiescence (`checks`), each an equality of counts taken at two places:
 the sender's count, the daemon's ledger per port and direction (`ctl stats`: accepted =

@@ -25,15 +25,11 @@ figure both have.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import shutil
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -46,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from .testing.process import DaemonChild, context_switches, cpu_seconds, daemon_child, memory_mb
+
 if TYPE_CHECKING:
     from .testing.console_driver import ConsoleDriver, GuestPort
 
@@ -53,7 +51,6 @@ SCENARIOS = ("g2h", "h2g", "rtt", "ports8", "console", "idle")
 GUEST_TESTS = Path(__file__).resolve().parents[1] / "tests" / "guest"
 GIB = 1 << 30
 MIB = 1 << 20
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A settling pause before idle windows: the guest's last writes and the daemon's bookkeeping
 # after the ports opened are not idleness.
 _SETTLE_S = 1.0
@@ -64,39 +61,6 @@ def port_name(k: int) -> str:
 
 
 # ------------------------------------------------------------------------ /proc
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of process `pid`, in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # the command may hold spaces and ')'
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def context_switches(pid: int) -> int:
-    """Voluntary + involuntary context switches summed over the threads of `pid`: each one
-    is a time the thread went to sleep or was put off the CPU, so an idle process's count
-    grows by its wakeups."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            status = (task / "status").read_text()
-        except FileNotFoundError:  # the thread ended meanwhile
-            continue
-        total += sum(int(n) for n in re.findall(r"^\w*voluntary_ctxt_switches:\s+(\d+)",
-                                                status, re.M))
-    return total
-
-
-def memory_mb(pid: int, keys: tuple[str, ...] = ("VmRSS", "VmHWM")) -> tuple[float, ...]:
-    """`keys` of /proc/PID/status (VmRSS, VmHWM, RssAnon, RssShmem...) in MB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-
-    def kib(key: str) -> float:
-        m = re.search(rf"^{key}:\s+(\d+) kB", status, re.M)
-        return int(m.group(1)) * 1024 / 1e6 if m else math.nan
-
-    return tuple(kib(k) for k in keys)
 
 
 class Meter:
@@ -517,37 +481,12 @@ def daemon_config(tmp: Path, spec: Spec) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass
-class Daemon:
-    dir: Path
-    pid: int
-
-
 @contextmanager
-def bench_daemon(spec: Spec) -> Iterator[Daemon]:
+def bench_daemon(spec: Spec) -> Iterator[DaemonChild]:
     """`vhostser run` (a child process) on the scenario's config, its sockets made."""
-    tmp = Path(tempfile.mkdtemp(prefix="vhostser-bench-"))
-    (tmp / "bench.toml").write_text(daemon_config(tmp, spec))
-    with open(tmp / "daemon.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vhostser", "run", "--config", str(tmp / "bench.toml"),
-             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=log,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not all((tmp / s).exists() for s in ["vu.sock", *spec.sockets]):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start: {(tmp / 'daemon.log').read_text()}")
-            time.sleep(0.02)
-        yield Daemon(tmp, proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with daemon_child(lambda tmp: daemon_config(tmp, spec), ["vu.sock", *spec.sockets],
+                      prefix="vhostser-bench-") as d:
+        yield d
 
 
 # ------------------------------------------------------------------------ local guest

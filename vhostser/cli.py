@@ -1,6 +1,6 @@
 """vhostser: a virtio-serial (virtio-console multiport) back end for QEMU over vhost-user.
 
-`vhostser run | check | ctl | console | attach | bench`: the command line. `run` follows the
+`vhostser run | check | ctl | console | attach | bench | soak`: the command line. `run` follows the
 vhost-user back-end program conventions (QEMU docs/interop/vhost-user.rst, "Backend program
 conventions"): --socket-path, --fd, --print-capabilities, no daemonizing, a status != 0 and
 one line on stderr when start-up fails, a clean exit on SIGTERM.
@@ -596,6 +596,27 @@ def parser() -> argparse.ArgumentParser:
                        help="idle: seconds per idle window (one per run)")
     bench.add_argument("--rig", help="the e2e rig directory (default ../shared/e2e)")
     bench.add_argument("--json", help="also write every figure here")
+
+    soak = sub.add_parser(
+        "soak", help="a daemon under load, resets, reloads and hostile input; every byte "
+        "accounted (see vhostser/soak.py)",
+        description="Run a daemon for a while with traffic both ways on 8 ports, resets, "
+        "reloads, flapping peers and hostile input; account every byte per port and "
+        "direction, sample its memory and fds. Exit status 1 when an invariant fails.")
+    soak.add_argument("--duration", type=float, default=60.0,
+                      help="seconds of soak (default 60; whole epochs, at least 2)")
+    soak.add_argument("--epoch", type=float, default=5.0,
+                      help="seconds of traffic between two disruptions (default 5)")
+    soak.add_argument("--sample", type=float, default=2.0,
+                      help="seconds between two samples of the daemon's RSS and fds (default 2)")
+    soak.add_argument("--seed", type=int, help="the random seed (default: a random one, "
+                      "printed in the JSON report)")
+    soak.add_argument("--max-rss-growth-mb", type=float,
+                      help="fail if the daemon's VmRSS grows more from the first quiescence "
+                      "to the last (default 32)")
+    soak.add_argument("--max-fd-growth", type=int,
+                      help="fail if the daemon's open fds grow more (default 4)")
+    soak.add_argument("--json", help="also write the whole report here")
     return p
 
 
@@ -783,6 +804,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import bench as bench_mod
 
             return bench_mod.main(args)
+        if args.command == "soak":
+            from . import soak as soak_mod
+
+            return soak_mod.main(args)
         return _run(args)
     except Fail as e:
         prog = "vhostser ctl" if args.command == "ctl" else "vhostser"

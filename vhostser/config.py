@@ -20,8 +20,9 @@ Unknown keys are errors: a typo must never be silently ignored.
     resize_order = "cols-rows"             # RESIZE payload order: spec's, or "rows-cols"
     socket_mode = 0o660                    # the vhost-user socket's mode (default 0o600)
     socket_group = "kvm"                   # and group: for a QEMU running as another user
-    allow_uids = [64055]                   # who may connect to the vhost-user and admin
-    allow_gids = ["kvm"]                   # sockets besides the daemon's user (SO_PEERCRED)
+    allow_uids = [64055]                   # who may connect to the vhost-user, admin and
+    allow_gids = ["kvm"]                   # backend sockets besides the daemon's user
+                                           # (SO_PEERCRED; a backend may have its own lists)
     allowed_dirs = ["/var/log/vhostser"]   # where admin add-port may name files, sockets
     allow_remote_bind = false              # admin add-port: tcp listeners on loopback only
 
@@ -36,11 +37,9 @@ Unknown keys are errors: a typo must never be silently ignored.
 
 from __future__ import annotations
 
-import grp
 import ipaddress
 import json
 import os
-import pwd
 import re
 import string
 import tomllib
@@ -48,11 +47,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .backends import registry
 from .console import DEFAULT_STAGING, PortBackend, PortConfig
 from .options import OptionError, Options, collecting
+from .sockets import PeerPolicy
 
 T = TypeVar("T")
 
@@ -64,7 +64,14 @@ class PortSpec:
     config: PortConfig
     backend_type: str
     backend_options: dict[str, Any]
-    make_backend: Callable[[], PortBackend]
+    make_backend: BackendMaker
+
+
+class BackendMaker(Protocol):
+    """A new backend for a port; `peers`, who may connect to its unix sockets unless its own
+    options say (the daemon passes the [vm] table's allow lists)."""
+
+    def __call__(self, peers: PeerPolicy = ...) -> PortBackend: ...
 
 
 @dataclass(frozen=True)
@@ -314,11 +321,10 @@ def parse(text: str, source: str, *, default_name: str = "default") -> VMConfig:
         resize_rows_first=order == "rows-cols",
         ports=tuple(spec for _, spec in ports),
         source=source,
-        socket_mode=read(lambda: _socket_mode(vm), 0o600),
-        socket_group=read(lambda: _id(vm, "socket_group", vm.table["socket_group"], _gid)
-                          if "socket_group" in vm.table else None, None),
-        allow_uids=read(lambda: _ids(vm, "allow_uids", _uid), ()),
-        allow_gids=read(lambda: _ids(vm, "allow_gids", _gid), ()),
+        socket_mode=read(lambda: vm.socket_mode("socket_mode", 0o600), 0o600),
+        socket_group=read(lambda: vm.group("socket_group"), None),
+        allow_uids=read(lambda: vm.users("allow_uids"), ()),
+        allow_gids=read(lambda: vm.groups("allow_gids"), ()),
         allowed_dirs=read(lambda: _dirs(vm, "allowed_dirs"), None),
         allow_remote_bind=read(lambda: vm.boolean("allow_remote_bind", False), False),
     )
@@ -358,42 +364,6 @@ def _metrics_listen(vm: Options) -> tuple[str, int] | None:
     if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
         vm.fail("metrics_listen", '"HOST:PORT", e.g. "127.0.0.1:9464"', metrics)
     return host.strip("[]"), int(port_text)
-
-
-def _socket_mode(vm: Options) -> int:
-    value = vm.table.get("socket_mode", 0o600)
-    if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{3}", value):
-        value = int(value.removeprefix("0o"), 8)
-    if not isinstance(value, int) or isinstance(value, bool) or (
-        value & 0o600 != 0o600 or value & ~0o770
-    ):
-        vm.fail("socket_mode", "a file mode with read and write for the owner and no bits "
-                "for others, like 0o600 or 0o660", value)
-    return value
-
-
-def _uid(name: str) -> int:
-    return pwd.getpwnam(name).pw_uid
-
-
-def _gid(name: str) -> int:
-    return grp.getgrnam(name).gr_gid
-
-
-def _id(vm: Options, key: str, value: object, lookup: Callable[[str], int]) -> int:
-    """A user or group: its number, or its name looked up now."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
-        return value
-    if isinstance(value, str) and "\0" not in value:
-        try:
-            return lookup(value)
-        except KeyError:
-            pass
-    vm.fail(key, "a number or the name of an existing user/group", value)
-
-
-def _ids(vm: Options, key: str, lookup: Callable[[str], int]) -> tuple[int, ...]:
-    return tuple(_id(vm, key, v, lookup) for v in vm.get(key, list, []))
 
 
 def _dirs(vm: Options, key: str) -> tuple[str, ...] | None:

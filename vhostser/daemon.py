@@ -10,6 +10,7 @@ import select
 import shlex
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import trio
 from . import state as state_mod
 from . import systemd
 from .config import PortSpec, VMConfig
-from .console import ConsoleDevice, DeviceState, Port, PortConfig, PortState
+from .console import ConsoleDevice, DeviceState, Port, PortBackend, PortConfig, PortState
 from .console.session import Input, State
 from .console.staging import Staging
 from .continuity import RequestKind, SharedStaging, StateRegion
@@ -196,7 +197,8 @@ class Daemon:
             self._resumed_staging(resumed[pid])
             spec = wanted.get(pid)
             if spec is not None and spec.config == resumed[pid].config:
-                self.device.adopt_port(spec.config, spec.make_backend(), spec.make_backend)
+                make = self._maker(spec)
+                self.device.adopt_port(spec.config, make(), make)
                 self.specs[pid] = spec
             else:
                 self.next_ids[pid] = resumed[pid].next_session_id
@@ -210,8 +212,8 @@ class Daemon:
 
     def add_port(self, spec: PortSpec, saved: state_mod.PortState | None = None) -> Port:
         first = self.next_ids.get(spec.config.id, 1)
-        port = self.device.add_port(spec.config, spec.make_backend(), first_session_id=first,
-                                    remake=spec.make_backend)
+        make = self._maker(spec)
+        port = self.device.add_port(spec.config, make(), first_session_id=first, remake=make)
         self.specs[spec.config.id] = spec
         if saved and saved.guest_open and saved.session_id is not None:
             # The guest had this port open when the previous daemon stopped: the session goes
@@ -220,6 +222,11 @@ class Daemon:
             self.restored[spec.config.id] = saved.session_id
         self.save_state()
         return port
+
+    def _maker(self, spec: PortSpec) -> Callable[[], PortBackend]:
+        """How `spec`'s backend is made, and made again after a failure: the VM's allow
+        lists are its sockets' too unless it has its own."""
+        return partial(spec.make_backend, self.peer_policy)
 
     def remove_port(self, port_id: int) -> None:
         self.next_ids[port_id] = self.device.ports[port_id].next_session_id

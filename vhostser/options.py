@@ -14,6 +14,8 @@ This module imports nothing else from vhostser, so every layer may use it.
 from __future__ import annotations
 
 import difflib
+import grp
+import pwd
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -180,7 +182,52 @@ class Options:
                 return c
         self.fail(key, f"one of {listed}", value)
 
+    def socket_mode(self, key: str, default: int) -> int:
+        """A unix socket file's mode: read and write for its owner, perhaps bits for its
+        group, none for others (who could connect to what is the daemon's). An integer
+        (0o660) or a string ("0660", "0o660", "660")."""
+        raw = value = self.table.get(key, default)
+        if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{3}", value):
+            value = int(value.removeprefix("0o"), 8)
+        if not isinstance(value, int) or isinstance(value, bool) or (
+            value & 0o600 != 0o600 or value & ~0o770
+        ):
+            self.fail(key, "a file mode with read and write for the owner and no bits "
+                      "for others, like 0o600 or 0o660", raw)
+        return value
+
+    def group(self, key: str) -> int | None:
+        """A group's gid: a number, or a name looked up now; None if `key` is not set."""
+        return self._id(key, self.table[key], _gid) if key in self.table else None
+
+    def users(self, key: str) -> tuple[int, ...]:
+        """A list of users' uids, each a number or a name looked up now."""
+        return tuple(self._id(key, v, _uid) for v in self.get(key, list, []))
+
+    def groups(self, key: str) -> tuple[int, ...]:
+        """A list of groups' gids, each a number or a name looked up now."""
+        return tuple(self._id(key, v, _gid) for v in self.get(key, list, []))
+
+    def _id(self, key: str, value: object, lookup: Callable[[str], int]) -> int:
+        # 2**32 - 1 is (uid_t)-1: "no change" to chown, nobody's id.
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+            return value
+        if isinstance(value, str) and "\0" not in value:
+            try:
+                return lookup(value)
+            except KeyError:
+                pass
+        self.fail(key, "a number or the name of an existing user/group", value)
+
     def not_with(self, key: str, why: str) -> None:
         """`key` does not apply here (e.g. max_peers with role = "client")."""
         if key in self.table:
             self.fail(key, f"no {key} {why}", self.table[key])
+
+
+def _uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid(name: str) -> int:
+    return grp.getgrnam(name).gr_gid

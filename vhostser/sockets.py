@@ -253,6 +253,18 @@ def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def refuses(policy: PeerPolicy, conn: trio.socket.SocketType, label: str) -> bool:
+    """Whether `policy` refuses the peer of unix socket `conn`; a refusal is logged
+    (rate-limited), the caller counts it and closes `conn`."""
+    pid, uid, gid = peer_credentials(conn)
+    if policy.permits(uid, gid):
+        return False
+    _log_limit.log(logging.WARNING, (label, "peer"),
+                   "%s: refused a connection from uid %d gid %d (pid %d): not this user nor "
+                   "in allow_uids/allow_gids", label, uid, gid, pid)
+    return True
+
+
 @dataclass
 class ListenerCounters:
     """What happened on one listener, for `stats` and the metrics."""
@@ -290,15 +302,10 @@ async def accept_connection(
             await trio.sleep(delay)
             continue
         delays = backoff_delays(*ACCEPT_BACKOFF)
-        if policy is not None:
-            pid, uid, gid = peer_credentials(conn)
-            if not policy.permits(uid, gid):
-                counters.refused_peer += 1
-                _log_limit.log(logging.WARNING, (label, "peer"),
-                               "%s: refused a connection from uid %d gid %d (pid %d): not "
-                               "this user nor in allow_uids/allow_gids", label, uid, gid, pid)
-                conn.close()
-                continue
+        if policy is not None and refuses(policy, conn, label):
+            counters.refused_peer += 1
+            conn.close()
+            continue
         counters.accepted += 1
         return conn
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import resource
 import select
 import shutil
@@ -515,3 +517,163 @@ def test_admin_add_port_may_name_only_allowed_paths_and_loopback(tmp_path: Path)
         until(lambda: (tmp_path / "state/serial.log").exists()
               and (tmp_path / "run/agent.sock").exists(), "the allowed ports are up")
         assert d.stop() == 0
+
+
+# ------------------------------------------------------------------ backend sockets
+
+BACKEND_SOCKETS = vm_config("allow_uids = [4242]", socket="{tmp}/run/vu.sock", ports="""
+[[port]]
+id = 0
+console = true
+[port.backend]
+type = "console"
+socket = "{tmp}/peers/console.sock"
+socket_mode = 0o660
+socket_group = 65534
+
+[[port]]
+id = 1
+name = "org.test.private"
+backend = {{ type = "unix", path = "{tmp}/run/private.sock" }}
+
+[[port]]
+id = 2
+name = "org.test.shared"
+[port.backend]
+type = "unix"
+path = "{tmp}/peers/shared.sock"
+socket_mode = 0o660
+socket_group = 65534
+
+[[port]]
+id = 3
+name = "org.test.nobody"
+[port.backend]
+type = "unix"
+path = "{tmp}/peers/nobody.sock"
+socket_mode = "0660"
+socket_group = "nogroup"
+allow_uids = ["nobody"]
+""")
+
+# Sends stdin (after one greeting byte from the guest, with "greeted"), then prints what
+# comes back (at most argv[2] bytes) until EOF.
+PEER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+got = b""
+try:
+    if sys.argv[3] == "greeted" and not s.recv(1):
+        sys.exit(0)
+    s.sendall(sys.stdin.buffer.read())
+    while len(got) < int(sys.argv[2]) and (chunk := s.recv(65536)):
+        got += chunk
+except (BrokenPipeError, ConnectionResetError):
+    pass
+sys.stdout.buffer.write(got)
+"""
+
+
+async def nobody_peer(path: Path, send: bytes, want: int, *, greeted: bool = False) -> bytes:
+    """What a process of uid/gid 65534 connected to `path` got back for `send` (b"": hung
+    up on); it fails on a timeout, when it was let in and nothing came."""
+    r = await trio.to_thread.run_sync(lambda: subprocess.run(
+        ["/usr/bin/python3", "-c", PEER, str(path), str(want),
+         "greeted" if greeted else "at-once"],
+        input=send, preexec_fn=as_nobody, capture_output=True, timeout=30))
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout
+
+
+def metric(metrics: str, name: str, port: int) -> int:
+    found = re.findall(rf'^vhostser_{name}\{{vm="hard",port="{port}",[^}}]*\}} (\d+)$',
+                       metrics, re.M)
+    assert len(found) == 1, (name, port, metrics)
+    return int(found[0])
+
+
+async def _backend_sockets(d: DaemonProcess) -> None:
+    peers = d.tmp / "peers"
+    backend = lambda pid: d.ctl_json("stats")["ports"][str(pid)]["backend"]  # noqa: E731
+    async with running_guest(d.tmp / "run/vu.sock") as driver:
+        shared, mine, console = [await driver.wait_port(name) for name in
+                                 ("org.test.shared", "org.test.nobody", 0)]
+        # Another user who may reach the socket (its group), not in the allow list: hung up
+        # on; the bytes it sent go nowhere, it is no peer and takes no place (max_peers 1).
+        assert await nobody_peer(peers / "shared.sock", b"intruder", 1) == b""
+        assert backend(2)["peers_not_allowed"] == 1
+        assert (backend(2)["peers_accepted"], backend(2)["bytes_from_peers"]) == (0, 0)
+        assert not shared.host_connected
+        d.wait_log("org.test.shared': unix:" f"{peers}/shared.sock: refused a connection "
+                   "from uid 65534 gid 65534 (pid ")
+        # The daemon's own user is let in, and is the peer, byte-exact both ways.
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer.connect(str(peers / "shared.sock"))
+        await driver.wait_for(lambda: shared.host_connected)
+        await shared.open()
+        up, down = random.Random(1).randbytes(200_000), random.Random(2).randbytes(300_000)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, peer.sendall, up)
+            assert await shared.read_exactly(len(up), timeout=20) == up
+        await shared.write_all(down)
+        got = bytearray()
+        while len(got) < len(down):
+            got += await trio.to_thread.run_sync(peer.recv, 65536)
+        assert got == down
+        peer.close()
+        assert backend(2)["peers_accepted"] == 1
+
+        # A backend's own allow list replaces the VM's: uid 65534 is a peer of port 3.
+        async def guest_side() -> None:
+            await driver.wait_for(lambda: mine.host_connected, timeout=20)
+            await mine.open()
+            await mine.write_all(b"!")  # the peer's bytes are taken from now on
+            assert await mine.read_exactly(len(up), timeout=20) == up
+            await mine.write_all(down)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest_side)
+            assert await nobody_peer(peers / "nobody.sock", up, len(down),
+                                     greeted=True) == down
+        assert (backend(3)["peers_accepted"], backend(3)["peers_not_allowed"]) == (1, 0)
+
+        # The console's readers: the VM's list keeps uid 65534 out; ours reads the console.
+        assert await nobody_peer(peers / "console.sock", b"", 1) == b""
+        reader = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader.connect(str(peers / "console.sock"))
+        await console.write_all(b"login: ")
+        reader.settimeout(10)
+        assert await trio.to_thread.run_sync(reader.recv, 100) == b"login: "
+        reader.close()
+        assert (backend(0)["readers_not_allowed"], backend(0)["readers_accepted"]) == (1, 1)
+
+
+def test_backend_sockets_are_private_unless_opened_and_check_their_peers() -> None:
+    """Backend sockets are 0600 unless socket_mode/socket_group open them to a group; the
+    VM's allow_uids keep other users out of the unix and console backends' sockets too (a
+    refusal counted in ctl stats and the metrics), a backend's own list replaces the VM's;
+    the peers let in are served byte-exact."""
+    tmp = Path(tempfile.mkdtemp(prefix="vhs-backend-"))  # outside pytest's 0700 directories
+    try:
+        tmp.chmod(0o711)
+        with daemon_process(tmp, BACKEND_SOCKETS) as d:
+            d.ready()
+            until(lambda: (tmp / "peers/nobody.sock").exists()
+                  and (tmp / "run/private.sock").exists(), "the backends listen")
+            modes = {name: ((tmp / name).stat().st_mode & 0o7777, (tmp / name).stat().st_gid)
+                     for name in ("run", "run/private.sock", "peers", "peers/shared.sock",
+                                  "peers/nobody.sock", "peers/console.sock")}
+            assert modes == {"run": (0o700, 0), "run/private.sock": (0o600, 0),
+                             "peers": (0o710, 65534), "peers/shared.sock": (0o660, 65534),
+                             "peers/nobody.sock": (0o660, 65534),
+                             "peers/console.sock": (0o660, 65534)}
+            trio.run(_backend_sockets, d)
+            metrics = d.ctl("metrics").stdout
+            assert metric(metrics, "backend_peers_not_allowed_total", 2) == 1
+            assert metric(metrics, "backend_peers_not_allowed_total", 3) == 0
+            assert metric(metrics, "backend_readers_not_allowed_total", 0) == 1
+            assert d.stop() == 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

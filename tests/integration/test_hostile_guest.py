@@ -16,6 +16,7 @@ from vhostser.testing.console_driver import (
     CONTROL_TX,
     tx_queue,
 )
+from vhostser.testing.hostile import add_aliased_tx_chain, bad_control_messages
 from vhostser.vhost_user import Request
 from vhostser.vhost_user.messages import VringState
 
@@ -49,12 +50,10 @@ async def test_a_tx_chain_claiming_gigabytes_costs_no_memory() -> None:
         # 2048-descriptor chains need a queue of 2048; the RAM holds its rx buffers too.
         async with guest(d, mem_size=64 * MiB, queue_size=2048, rx_buffers=16) as (fe, driver):
             (one,) = await open_ports(driver, "org.test.one")
-            q = fe.queue(tx_queue(1))
             buf = fe.alloc(MiB)
             fe.write(buf, b"A" * MiB)
             for _ in range(CHAINS):
-                head = q.add([(buf, MiB)] * PIECES)
-                fe.kick(tx_queue(1), force=True)
+                head = add_aliased_tx_chain(fe, tx_queue(1), buf, MiB, PIECES)
                 assert await fe.collect_used(tx_queue(1), timeout=60) == [(head, 0)]
             assert d.vm_hwm() < 200 * MiB, d.vm_hwm()
             await d.assert_responsive()
@@ -121,9 +120,9 @@ async def test_floods_of_bad_input_log_a_few_lines_and_count_all() -> None:
         async with guest(d) as (fe, driver):
             one, two = await open_ports(driver, "org.test.one", "org.test.two")
             async with streaming(two):
-                bad = (1).to_bytes(4, "little") + (99).to_bytes(2, "little") + bytes(2)
+                bad = bad_control_messages(1, max_ports=4)
                 for _ in range(40):
-                    await driver.send_raw_control(*[bad] * 100)
+                    await driver.send_raw_control(*bad * 33, bad[0])
                 q = fe.queue(tx_queue(1))
                 gpa = fe.alloc(64)
                 for n in range(1, 21):
@@ -144,4 +143,19 @@ async def test_floods_of_bad_input_log_a_few_lines_and_count_all() -> None:
         for needle in ("bad control message ignored", "has device-writable buffers",
                        "SET_VRING_NUM: rejected"):
             assert len(d.log_lines(needle)) == BURST, needle
+        await echo_works(d)
+
+
+async def test_a_ring_broken_after_a_device_reset_is_still_reported() -> None:
+    # QEMU gives a ring's err eventfd once, when it realizes the device: a reset must not
+    # take it away, or a guest breaking a ring after a reboot goes unreported.
+    with daemon_process() as d:
+        async with guest(d) as (fe, driver):
+            await driver.reinit(reset_device=True)
+            (one,) = await open_ports(driver, "org.test.one")
+            assert await echo_roundtrip(one, b"after the reset" * 100) == b"after the reset" * 100
+            fe.queue(tx_queue(1)).set_avail_idx(0x8000)
+            fe.kick(tx_queue(1), force=True)
+            assert await fe.wait_err(tx_queue(1), timeout=10) == 1
+        assert (await d.stats())["device"]["rings_broken"] == 1
         await echo_works(d)

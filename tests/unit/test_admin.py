@@ -21,11 +21,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vhostser import admin, config
+from vhostser.backends.options import ANYONE
 from vhostser.backends.simple import RecordingBackend
 from vhostser.config import PortSpec
 from vhostser.console import PortConfig, control
 from vhostser.console.session import State
 from vhostser.daemon import Daemon
+from vhostser.sockets import PeerPolicy
 
 CONFIG = """\
 [vm]
@@ -105,7 +107,7 @@ def err(daemon: Daemon, request: Any) -> str:
 def recording_spec(pid: int, name: str = "") -> tuple[PortSpec, list[RecordingBackend]]:
     made: list[RecordingBackend] = []
 
-    def make() -> RecordingBackend:
+    def make(peers: PeerPolicy = ANYONE) -> RecordingBackend:
         made.append(RecordingBackend())
         return made[-1]
 

@@ -20,6 +20,7 @@ from vhostser.backends.framing import (
     encode,
     encode_data,
 )
+from vhostser.testing.hostile import MALFORMED_FRAMES
 
 session_ids = st.integers(min_value=0, max_value=2**64 - 1)
 texts = st.text(max_size=40)
@@ -80,18 +81,7 @@ def test_the_docstring_example_is_the_wire_format() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    ("wire", "message"),
-    [
-        (b"\x00\x00\x00\x00", "length 0"),
-        ((MAX_FRAME + 1).to_bytes(4, "big"), "length 1048577"),
-        (b"\x00\x00\x00\x09\x04", "type 4"),
-        (b"\x00\x00\x00\x09\x00", "type 0"),
-        (encode(Open(1, "x")), "type 1"),
-        (b"\x00\x00\x00\x05\x02abcd", "no session id"),
-        (b"\x00\x00\x00\x0a\x03" + bytes(8) + b"\xc3", "not UTF-8"),
-    ],
-)
+@pytest.mark.parametrize(("wire", "message"), MALFORMED_FRAMES)
 def test_malformed_frames_are_errors_for_good(wire: bytes, message: str) -> None:
     decoder = FrameDecoder()
     decoder.feed(wire)

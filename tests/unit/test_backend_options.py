@@ -9,13 +9,15 @@ import pytest
 
 from vhostser.backends.console_log import ConsoleBackend
 from vhostser.backends.file import FileBackend
+from vhostser.backends.options import ANYONE
 from vhostser.backends.peers import PeerOptions
 from vhostser.backends.pty import PtyBackend
 from vhostser.backends.registry import BACKENDS, create
 from vhostser.backends.simple import EchoBackend, NullBackend
 from vhostser.backends.tcp import TcpBackend
-from vhostser.backends.unix import UnixBackend
+from vhostser.backends.unix import UnixBackend, UnixEndpoint
 from vhostser.options import OptionError
+from vhostser.sockets import PeerPolicy
 
 W = "vm.toml: port[1].backend"
 
@@ -42,6 +44,38 @@ def test_defaults() -> None:
     assert c.scrollback_limit == 64 * 1024 and c.sink is None
 
 
+VM_PEERS = PeerPolicy(frozenset({4242}), frozenset({36}))
+
+
+def test_unix_sockets_are_private_by_default_and_take_the_vms_allow_lists() -> None:
+    for endpoint in (create("unix", {"path": "/a"}, W).endpoint,
+                     ConsoleBackend.from_options({"socket": "/s"}, W).endpoint):
+        assert isinstance(endpoint, UnixEndpoint)
+        assert (endpoint.mode, endpoint.group, endpoint.policy) == (0o600, None, ANYONE)
+    for endpoint in (create("unix", {"path": "/a"}, W, VM_PEERS).endpoint,
+                     ConsoleBackend.from_options({"socket": "/s"}, W, VM_PEERS).endpoint):
+        assert isinstance(endpoint, UnixEndpoint)
+        assert endpoint.policy == VM_PEERS
+    assert create("tcp", {"port": 1}, W, VM_PEERS).endpoint.policy is None  # no SO_PEERCRED
+
+
+@pytest.mark.parametrize("btype", ["unix", "console"])
+def test_a_backends_own_socket_options(btype: str) -> None:
+    key = "path" if btype == "unix" else "socket"
+    options = {key: "/a", "socket_mode": "0640", "socket_group": "nogroup"}
+    endpoint = create(btype, options, W, VM_PEERS).endpoint
+    assert isinstance(endpoint, UnixEndpoint)
+    assert (endpoint.mode, endpoint.group, endpoint.policy) == (0o640, 65534, VM_PEERS)
+    # Either list replaces both of the VM's; an empty one lets in whoever the mode lets in.
+    for lists, policy in [
+        ({"allow_gids": ["nogroup"]}, PeerPolicy(frozenset(), frozenset({65534}))),
+        ({"allow_uids": [0, "nobody"]}, PeerPolicy(frozenset({0, 65534}), frozenset())),
+        ({"allow_uids": []}, ANYONE),
+    ]:
+        endpoint = create(btype, {key: "/a", **lists}, W, VM_PEERS).endpoint
+        assert isinstance(endpoint, UnixEndpoint) and endpoint.policy == policy, lists
+
+
 def test_from_options_makes_no_sockets_or_files(tmp_path: Path) -> None:
     for btype, opts in [
         ("unix", {"path": str(tmp_path / "u.sock")}),
@@ -61,8 +95,9 @@ def test_from_options_makes_no_sockets_or_files(tmp_path: Path) -> None:
         ("unix", {"path": 5}, f"{W}.path: expected a non-empty string, got 5"),
         ("unix", {"path": "/a", "pth": 1}, f"{W}.pth: unknown key (did you mean path?)"),
         ("unix", {"path": "/a", "colour": 1}, f"{W}.colour: unknown key (expected one of "
-                                              "max_peers, mode, path, peer_queue, role, "
-                                              "slow_peer)"),
+                                              "allow_gids, allow_uids, max_peers, mode, path, "
+                                              "peer_queue, role, slow_peer, socket_group, "
+                                              "socket_mode)"),
         ("unix", {"path": "/a", "role": "listen"},
          f'{W}.role: expected one of "server", "client", got \'listen\''),
         ("unix", {"path": "/a", "mode": "packet"},
@@ -96,6 +131,29 @@ def test_from_options_makes_no_sockets_or_files(tmp_path: Path) -> None:
         ("console", {"socket": "/s", "scrollback": -1},
          f"{W}.scrollback: expected an integer in 0..16384, got -1"),
         ("console", {"socket": "/s", "reader_queue": 10}, f"{W}.reader_queue: expected a size"),
+        ("unix", {"path": "/a", "socket_mode": 0o644},
+         f"{W}.socket_mode: expected a file mode with read and write for the owner and no "
+         "bits for others, like 0o600 or 0o660, got 420"),
+        ("unix", {"path": "/a", "socket_group": "no-such-group-here"},
+         f"{W}.socket_group: expected a number or the name of an existing user/group, got "
+         "'no-such-group-here'"),
+        ("unix", {"path": "/a", "allow_uids": ["no-such-user-here"]},
+         f"{W}.allow_uids: expected a number or the name of an existing user/group"),
+        ("unix", {"path": "/a", "allow_gids": "nogroup"},
+         f"{W}.allow_gids: expected list, got 'nogroup'"),
+        ("unix", {"path": "/a", "role": "client", "socket_mode": 0o660},
+         f'{W}.socket_mode: expected no socket_mode with role = "client" (it listens on no '
+         "socket), got 432"),
+        ("unix", {"path": "/a", "role": "client", "allow_uids": []},
+         f'{W}.allow_uids: expected no allow_uids with role = "client"'),
+        ("console", {"path": "/l", "socket_group": 0},
+         f"{W}.socket_group: expected no socket_group without a readers' `socket`, got 0"),
+        ("console", {"socket": "/s", "socket_mode": "0606"},
+         f"{W}.socket_mode: expected a file mode with read and write for the owner and no "
+         "bits for others, like 0o600 or 0o660, got '0606'"),
+        ("console", {"socket": "/s", "allow_gids": [-1]},
+         f"{W}.allow_gids: expected a number or the name of an existing user/group, got -1"),
+        ("tcp", {"port": 1, "socket_mode": 0o600}, f"{W}.socket_mode: unknown key"),
         ("null", {"x": 1}, f"{W}.x: unknown key (expected no options)"),
         ("echo", {"path": "/a"}, f"{W}.path: unknown key (expected no options)"),
     ],

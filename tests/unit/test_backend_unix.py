@@ -51,7 +51,7 @@ async def test_stream_first_peer_attaches_last_detaches(tmp_path: Path) -> None:
     backend = make(tmp_path, max_peers=2)
     guest = Guest(backend)
     async with running(backend):
-        assert stat.S_IMODE(os.stat(backend.path).st_mode) == 0o660
+        assert stat.S_IMODE(os.stat(backend.path).st_mode) == 0o600  # the daemon's user's
         assert not guest.host_open and not guest.port.state.guest_open  # B
         a = await unix_connect(backend.path)
         await wait_until(lambda: guest.state is State.C)

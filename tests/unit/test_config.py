@@ -19,6 +19,7 @@ from vhostser import config
 from vhostser.backends.registry import BACKENDS
 from vhostser.config import ConfigError, PortSpec, VMConfig, parse
 from vhostser.console import DEFAULT_STAGING, PortBackend, PortConfig
+from vhostser.sockets import PeerPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = "web1.toml"
@@ -426,6 +427,25 @@ def test_socket_mode_group_and_peer_allow_lists() -> None:
 ])
 def test_socket_security_errors(line: str, error: str) -> None:
     assert error_of(f"[vm]\n{line}\n").startswith(f"{SRC}: {error}")
+
+
+def test_backend_socket_errors_name_the_file_line_and_key() -> None:
+    text = ('[vm]\nallow_uids = [4242]\n\n[[port]]\nid = 1\nname = "a"\n'
+            'backend = { type = "unix", path = "/a", socket_mode = 0o666 }\n\n'
+            '[[port]]\nid = 2\n[port.backend]\ntype = "console"\nsocket = "/c"\n'
+            'socket_group = "no-such-group-here"\n')
+    assert errors_of(text) == [
+        f"{SRC}:7: port 1 (a).backend.socket_mode: expected a file mode with read and write "
+        "for the owner and no bits for others, like 0o600 or 0o660, got 438",
+        f"{SRC}:14: port 2.backend.socket_group: expected a number or the name of an "
+        "existing user/group, got 'no-such-group-here'",
+    ]
+
+
+def test_a_ports_backend_gets_the_peers_it_is_made_with() -> None:
+    spec = parse('[[port]]\nid = 1\nbackend = { type = "unix", path = "/a" }\n', SRC).ports[0]
+    peers = PeerPolicy(frozenset({4242}), frozenset())
+    assert spec.make_backend(peers).endpoint.policy == peers  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------ what admin may name

@@ -8,7 +8,9 @@ backend (rotate-safe `reopen()`), `timestamps` (default false) prefixes its line
 unix socket where any number of readers (up to `max_readers`, default 32) attach, e.g. with
 `socat - UNIX-CONNECT:/run/vhostser/web1.console.sock`; `scrollback` KiB (default 64, 0..16384)
 of recent output each new reader gets first, then live output; `reader_queue` bytes buffered
-per reader (default 256 KiB).
+per reader (default 256 KiB). Who may connect: `socket_mode` (default 0o600), `socket_group`,
+`allow_uids`, `allow_gids`, as for the `unix` backend; a reader they refuse is counted in
+`readers_not_allowed`.
 
 One writer at a time: the first reader that sends bytes becomes the writer until it
 disconnects; bytes from the other readers are dropped and counted. The writer's bytes go to
@@ -33,10 +35,11 @@ import trio
 
 from ..console.port import Counters
 from ..options import Options
+from ..sockets import PeerPolicy, accept_connection, refuses
 from .file import FileSink
-from .options import ConfigurableBackend
+from .options import ANYONE, ConfigurableBackend
 from .peers import READ_CHUNK, Peer, listen_retrying
-from .unix import UnixEndpoint
+from .unix import SOCKET_KEYS, UnixEndpoint
 
 log = logging.getLogger("vhostser.backends")
 
@@ -50,6 +53,7 @@ class ConsoleCounters(Counters):
     bytes_from_guest: int = 0
     readers_accepted: int = 0
     readers_refused: int = 0  # over max_readers
+    readers_not_allowed: int = 0  # refused by allow_uids/allow_gids (SO_PEERCRED)
     readers_dropped_slow: int = 0  # queue full: disconnected
     listen_failures: int = 0  # the readers' socket could not be made (retried)
     writers: int = 0  # readers that became the writer
@@ -67,14 +71,14 @@ class ConsoleBackend(ConfigurableBackend):
         self,
         *,
         path: str | None = None,
-        socket: str | None = None,
+        socket: UnixEndpoint | None = None,
         scrollback: int = DEFAULT_SCROLLBACK_KIB * 1024,
         reader_queue: int = DEFAULT_READER_QUEUE,
         max_readers: int = DEFAULT_MAX_READERS,
         timestamps: bool = False,
     ) -> None:
         self.sink = FileSink(path, timestamps=timestamps) if path else None
-        self.endpoint = UnixEndpoint(socket) if socket else None
+        self.endpoint = socket
         self.scrollback_limit = scrollback
         self.reader_queue = reader_queue
         self.max_readers = max_readers
@@ -85,15 +89,18 @@ class ConsoleBackend(ConfigurableBackend):
         self._serial = 0
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+    def from_options(cls, options: Mapping[str, Any], where: str,
+                     peers: PeerPolicy = ANYONE) -> Self:
         o = Options(options, where, {"path", "socket", "scrollback", "reader_queue",
-                                     "max_readers", "timestamps"})
+                                     "max_readers", "timestamps", *SOCKET_KEYS})
         path, socket = o.string("path"), o.string("socket")
         if path is None and socket is None:
             o.fail("socket", "a unix socket path for readers and/or a log file `path`")
+        if socket is None:
+            UnixEndpoint.not_with(o, "without a readers' `socket`")
         return cls(
             path=path,
-            socket=socket,
+            socket=UnixEndpoint.read(o, socket, peers) if socket is not None else None,
             scrollback=o.integer("scrollback", DEFAULT_SCROLLBACK_KIB, lo=0, hi=16384) * 1024,
             reader_queue=o.size("reader_queue", DEFAULT_READER_QUEUE, lo=1024, hi=64 << 20),
             max_readers=o.integer("max_readers", DEFAULT_MAX_READERS, lo=1, hi=1024),
@@ -157,7 +164,7 @@ class ConsoleBackend(ConfigurableBackend):
                     log.info("%s: console readers on %s", self._label(), self.endpoint.path)
                     task_status.started(self.endpoint.path)
                     async with trio.open_nursery() as nursery:
-                        await self._accept(listener, nursery)
+                        await self._accept(listener, nursery, self.endpoint.policy)
             finally:
                 self.endpoint.cleanup()
         finally:
@@ -167,13 +174,14 @@ class ConsoleBackend(ConfigurableBackend):
     def _listen_failed(self) -> None:
         self.counters.listen_failures += 1
 
-    async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery,
+                      policy: PeerPolicy) -> None:
+        label = f"{self._label()}: console readers"
         while True:
-            try:
-                sock, _ = await listener.accept()
-            except OSError as e:
-                log.error("%s: accept failed: %s", self._label(), e)
-                await trio.sleep(0.1)
+            sock = await accept_connection(listener, label)
+            if refuses(policy, sock, label):
+                self.counters.readers_not_allowed += 1
+                sock.close()
                 continue
             if sum(r.live for r in self.readers) >= self.max_readers:
                 self.counters.readers_refused += 1

@@ -41,7 +41,8 @@ import trio
 
 from ..console.port import Counters
 from ..options import Options
-from .options import ConfigurableBackend
+from ..sockets import PeerPolicy
+from .options import ANYONE, ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 
@@ -247,7 +248,8 @@ class FileBackend(ConfigurableBackend):
         self.counters = self.sink.counters
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+    def from_options(cls, options: Mapping[str, Any], where: str,
+                     peers: PeerPolicy = ANYONE) -> Self:
         o = Options(options, where, {"path", "append", "timestamps", "attach"})
         return cls(
             o.required_string("path"),

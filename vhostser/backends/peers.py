@@ -72,7 +72,7 @@ from ..console.session import Reason, State
 from ..console.staging import Staging
 from ..options import Options
 from ..pacing import BACKOFF_MAX, backoff_delays
-from ..sockets import ListenerCounters, accept_connection
+from ..sockets import ListenerCounters, PeerPolicy, accept_connection, refuses
 from .framing import (
     MAX_DATA,
     MAX_FRAME,
@@ -85,7 +85,7 @@ from .framing import (
     encode_data,
     frame_size,
 )
-from .options import ConfigurableBackend
+from .options import ANYONE, ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 
@@ -109,6 +109,12 @@ PEER_OPTION_KEYS = frozenset({"role", "mode", "max_peers", "slow_peer", "peer_qu
 
 class Endpoint(Protocol):
     """Where a backend's sockets come from: a listening socket or an outgoing connection."""
+
+    @property
+    def policy(self) -> PeerPolicy | None:
+        """Who may connect (to a listening unix socket: by SO_PEERCRED); None: whoever
+        reaches it."""
+        ...
 
     def describe(self) -> str: ...
 
@@ -177,6 +183,7 @@ class PeerCounters(Counters):
 
     peers_accepted: int = 0  # connections taken as peers (server)
     peers_refused: int = 0  # connections over max_peers, closed at once
+    peers_not_allowed: int = 0  # refused by allow_uids/allow_gids (SO_PEERCRED), closed at once
     peers_dropped_slow: int = 0  # disconnected by slow_peer = "drop-peer"
     peers_malformed: int = 0  # disconnected for a bad frame (framed mode)
     listen_failures: int = 0  # the listening socket could not be made (retried)
@@ -357,7 +364,8 @@ class PeerBackend(ConfigurableBackend):
         self._departed = trio.Event()  # set (and replaced) whenever a peer leaves
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+    def from_options(cls, options: Mapping[str, Any], where: str,
+                     peers: PeerPolicy = ANYONE) -> Self:
         raise NotImplementedError  # unix.py / tcp.py build the endpoint
 
     def __repr__(self) -> str:
@@ -564,6 +572,11 @@ class PeerBackend(ConfigurableBackend):
             task_status.started(self.address)
             while True:
                 sock = await accept_connection(listener, self._where, accepts)
+                policy = self.endpoint.policy
+                if policy is not None and refuses(policy, sock, self._where):
+                    self.counters.peers_not_allowed += 1
+                    sock.close()
+                    continue
                 if len(self._live()) >= self.opts.max_peers:
                     try:
                         await self._let_hung_up_peers_leave()

@@ -40,7 +40,8 @@ import trio
 
 from ..console.port import Counters
 from ..options import Options
-from .options import ConfigurableBackend
+from ..sockets import PeerPolicy
+from .options import ANYONE, ConfigurableBackend
 
 log = logging.getLogger("vhostser.backends")
 
@@ -99,7 +100,8 @@ class PtyBackend(ConfigurableBackend):
         self._blocked: int | None = None
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+    def from_options(cls, options: Mapping[str, Any], where: str,
+                     peers: PeerPolicy = ANYONE) -> Self:
         o = Options(options, where, {"link", "queue"})
         return cls(link=o.string("link"), queue=o.size("queue", DEFAULT_QUEUE, lo=1,
                                                           hi=64 << 20))

@@ -1,6 +1,6 @@
 """Backend types by name, as the config file spells them: `backend = { type = "unix", ... }`.
 
-`create(type, options, where)` validates the options (without `type`) and returns an
+`create(type, options, where, peers)` validates the options (without `type`) and returns an
 unstarted backend; it raises `OptionError` naming `where.key` and what was expected. It opens
 no files and makes no sockets: `run()` does.
 """
@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from ..options import OptionError, Options
+from ..sockets import PeerPolicy
 from .console_log import ConsoleBackend
 from .file import FileBackend
-from .options import ConfigurableBackend
+from .options import ANYONE, ConfigurableBackend
 from .pty import PtyBackend
 from .simple import EchoBackend, NullBackend, SinkBackend
 from .tcp import TcpBackend
@@ -26,7 +27,8 @@ STDOUT = 1  # the process's stdout fd, whatever sys.stdout was made into
 
 class _NoOptions(ConfigurableBackend):
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+    def from_options(cls, options: Mapping[str, Any], where: str,
+                     peers: PeerPolicy = ANYONE) -> Self:
         Options(options, where, ())
         return cls()
 
@@ -68,6 +70,8 @@ def backend_type(value: object, where: str) -> str:
                          f"expected one of {', '.join(sorted(BACKENDS))}, got {value!r}")
 
 
-def create(type_name: str, options: Mapping[str, Any], where: str) -> ConfigurableBackend:
-    """The backend `type_name` built from `options` (OptionError if either is wrong)."""
-    return BACKENDS[backend_type(type_name, where)].from_options(options, where)
+def create(type_name: str, options: Mapping[str, Any], where: str,
+           peers: PeerPolicy = ANYONE) -> ConfigurableBackend:
+    """The backend `type_name` built from `options` (OptionError if either is wrong); `peers`
+    may connect to its unix sockets unless the options have allow lists of their own."""
+    return BACKENDS[backend_type(type_name, where)].from_options(options, where, peers)

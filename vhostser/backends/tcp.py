@@ -34,7 +34,8 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
 from ..options import Options
-from ..sockets import BACKLOG
+from ..sockets import BACKLOG, PeerPolicy
+from .options import ANYONE
 from .peers import PEER_OPTION_KEYS, PeerBackend, PeerOptions
 
 NETNS_DIR = "/var/run/netns"
@@ -136,6 +137,8 @@ def _listen_problems(host: str, port: int) -> list[str]:
 class TcpEndpoint:
     """Listen on or connect to host:port, in a network namespace if asked."""
 
+    policy: PeerPolicy | None = None  # SO_PEERCRED tells nothing of a TCP peer
+
     def __init__(self, host: str, port: int, netns: str | None = None) -> None:
         self.host = host
         self.port = port
@@ -207,7 +210,8 @@ class TcpBackend(PeerBackend):
     endpoint: TcpEndpoint
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], where: str) -> Self:
+    def from_options(cls, options: Mapping[str, Any], where: str,
+                     peers: PeerPolicy = ANYONE) -> Self:
         o = Options(options, where, {"host", "port", "netns", *PEER_OPTION_KEYS})
         peer = PeerOptions.read(o)
         host = o.string("host", "127.0.0.1")

@@ -179,7 +179,7 @@ class DriverStats:
     """What the driver dropped or saw that a test may want to check."""
 
     #: host bytes dropped by the guest, by reason (closed: in_intr while the port is not
-    #: open; unread-at-close; unplug; freeze)
+    #: open; unread-at-close; unplug; freeze; reinit: unread when the driver started over)
     discarded: Counter[str] = field(default_factory=Counter)
     #: used elements whose head the driver did not post (a test's raw chains), per queue
     foreign_used: Counter[int] = field(default_factory=Counter)
@@ -223,10 +223,11 @@ class _TxPool:
 
     def __init__(self) -> None:
         self.free: dict[int, list[int]] = {size: [] for size in _TX_CLASSES}
-        self.in_flight: dict[int, tuple[int, int]] = {}  # head -> (gpa, size class)
+        # head -> (gpa, size class, bytes written into it)
+        self.in_flight: dict[int, tuple[int, int, int]] = {}
 
     def reset(self) -> None:
-        for gpa, size in self.in_flight.values():
+        for gpa, size, _ in self.in_flight.values():
             self.free[size].append(gpa)
         self.in_flight.clear()
 
@@ -255,6 +256,11 @@ class GuestPort:
         #: Bytes read and written by guest processes.
         self.bytes_read = 0
         self.bytes_written = 0
+        #: Host bytes this port dropped, by reason (its share of DriverStats.discarded).
+        self.discarded: Counter[str] = Counter()
+        #: Written bytes whose buffers the device had not taken when the driver started over
+        #: (reinit): gone with the rings, never seen by the device.
+        self.unsent_at_reinit = 0
         # Used rx buffers not yet (fully) read: [gpa, offset, length].
         self._inbufs: deque[list[int]] = deque()
         self._changed = trio.Event()
@@ -496,7 +502,7 @@ class GuestPort:
         gpa = free.pop() if free else drv.fe.alloc(size, align=64)
         drv.fe.write(gpa, chunk)
         head = q.add([(gpa, len(chunk))])
-        pool.in_flight[head] = (gpa, size)
+        pool.in_flight[head] = (gpa, size, len(chunk))
         drv.fe.kick(self.tx_queue)
         if q.free_descriptors == 0:
             self.outvq_full = True
@@ -535,6 +541,7 @@ class GuestPort:
             if not (self._guest_open if keep is None else keep) or length == 0:
                 if length:
                     drv.stats.discarded["closed"] += length
+                    self.discarded["closed"] += length
                 repost.append(gpa)
             else:
                 self._inbufs.append([gpa, 0, length])
@@ -568,6 +575,7 @@ class GuestPort:
         if not self._inbufs:
             return
         self._driver.stats.discarded[reason] += self.buffered
+        self.discarded[reason] += self.buffered
         gpas = [buf[0] for buf in self._inbufs]
         self._inbufs.clear()
         self._driver._repost(self.rx_queue, gpas)
@@ -706,11 +714,20 @@ class ConsoleDriver:
     async def reinit(self, *, reset_device: bool = False) -> None:
         """The guest driver starts over (reboot, unbind + bind): the rings stop, and with
         `reset_device` the front end sends RESET_DEVICE; then a fresh probe on the same
-        connection, which sends DEVICE_READY again. Every GuestPort of before is gone."""
+        connection, which sends DEVICE_READY again. Every GuestPort of before is gone.
+
+        What the rings held is accounted per port, as after the stop the used rings are
+        final: host bytes not read are `discarded["reinit"]`, written bytes the device never
+        took are `unsent_at_reinit`."""
         async with self._control_lock:
             self._ready = trio.Event()
             if self.fe.running:
                 await self.fe.stop()
+                for port in self._port_list():
+                    port._discard_data("reinit")
+                    port.reclaim()
+                    port.unsent_at_reinit += sum(
+                        n for _, _, n in self._tx_pool(port.id).in_flight.values())
             if reset_device:
                 await self.fe.reset_device()
             for port in self._port_list():

@@ -105,10 +105,13 @@ class Vring:
             self.custody(self.fd_name(which), fd)
 
     def reset(self) -> None:
-        """Back to the state of a vring that was never configured."""
+        """Back to the state of a vring that was never configured, but for the call and err
+        eventfds: they are the front end's interrupt and error lines, set when it realized
+        the device, and a front end need not send them again after a reset (QEMU sends the
+        err eventfd once, in vhost_virtqueue_init). The kick goes: a ring waits for a new
+        SET_VRING_KICK before it runs again."""
         self.drop_queue()
-        for which in ("kick", "call", "err"):
-            self.set_fd(which, None)
+        self.set_fd("kick", None)
         self.size = 0
         self.addr = None
         self.base = self.used_base = 0

@@ -245,6 +245,7 @@ async def test_host_names_are_resolved_inside_the_namespace(
 
     monkeypatch.setattr(socket, "getaddrinfo", spy)
     backend = TcpBackend.from_options({"host": "localhost", "port": 0, "netns": netns}, "t")
+    Guest(backend)
     async with running(backend):
         pass
     assert resolved_in and set(resolved_in) == {ns_inode(f"/var/run/netns/{netns}")}

@@ -206,12 +206,15 @@ async def test_peer_bytes_never_reach_a_later_session(tmp_path: Path) -> None:
         await wait_until(lambda: guest.host_open)
         guest.open()
         await peer.send_all(b"o" * 10_000)
-        await wait_until(lambda: backend.counters.bytes_from_peers == 10_000)
-        assert guest.port.staged == 4096  # the rest waits in the backend for room
+        await wait_until(lambda: guest.port.staged == 4096)
+        # The rest was read (peeked) in this session and waits in the socket for room: it
+        # leaves the socket only once the port has it.
+        assert backend.counters.bytes_from_peers == 4096
         guest.close()
         guest.open()
-        # The staged 4096 and the 5904 still waiting in the backend: all dropped, counted.
+        # The staged 4096 and the 5904 read in that session: all dropped, counted.
         await wait_until(lambda: guest.port.counters.discarded["stale"] == 10_000)
+        assert backend.counters.bytes_from_peers == 10_000
         await peer.send_all(b"new")
         assert await guest.read_exactly(3) == b"new"
         assert guest.read() == b""
@@ -308,7 +311,10 @@ async def test_session_mode_bytes_sent_before_the_guest_opens(tmp_path: Path) ->
     async with running(backend):
         peer = await unix_connect(backend.path)
         await peer.send_all(b"early request")
-        await wait_until(lambda: backend.counters.bytes_from_peers == 13)
+        await wait_until(lambda: backend.peers and backend.peers[0].unread() == 13)
+        await trio.sleep(0.2)
+        # Its bytes wait in the socket for its session: none reach the closed port.
+        assert backend.counters.bytes_from_peers == 0
         assert guest.port.counters.discarded["guest-closed"] == 0
         guest.open()
         assert await guest.read_exactly(13) == b"early request"
@@ -470,9 +476,10 @@ async def test_bytes_a_session_peer_sent_before_hanging_up_unbound_are_counted(
     async with running(backend):
         peer = await unix_connect(backend.path)
         await peer.send_all(b"request")
-        await wait_until(lambda: backend.counters.bytes_from_peers == 7)
+        await wait_until(lambda: backend.peers and backend.peers[0].unread() == 7)
         await peer.aclose()  # gone before the guest opened: its session never existed
         await wait_until(lambda: not backend.peers)
+        assert backend.counters.bytes_from_peers == 7
         assert backend.counters.peer_bytes_dropped == 7
 
 

@@ -33,7 +33,7 @@ from typing import Any, Self
 
 import trio
 
-from ..console.port import Counters
+from ..console.port import Counters, Custody
 from ..options import Options
 from ..sockets import PeerPolicy, accept_connection, refuses
 from .file import FileSink
@@ -190,7 +190,9 @@ class ConsoleBackend(ConfigurableBackend):
                 sock.close()
                 continue
             self._serial += 1
-            reader = Peer(sock, f"#{self._serial}", self.reader_queue)
+            # Readers are not kept across a restart (they reconnect, scrollback and all).
+            reader = Peer(sock, self._serial, f"#{self._serial}", self.reader_queue, Custody(),
+                          framed=False)
             if self.scrollback:
                 reader.push(self.scrollback)
             self.readers.append(reader)
@@ -210,7 +212,7 @@ class ConsoleBackend(ConfigurableBackend):
                         log.info("%s: console reader %s: %s", self._label(), reader.label, e)
                         nursery.cancel_scope.cancel()
         finally:
-            reader.close_socket()
+            reader.close()
             self.readers.remove(reader)
             self._release(reader)
             log.info("%s: console reader %s detached%s", self._label(), reader.label,

@@ -113,12 +113,12 @@ def encode_data(session: int, data: bytes | memoryview) -> Iterator[bytes]:
         yield encode(Data(session, bytes(view[start : start + MAX_DATA])))
 
 
-def frame_size(head: bytes | memoryview, *, accept_open: bool = False) -> int | None:
+def frame_size(head: bytes | bytearray | memoryview, *, accept_open: bool = False) -> int | None:
     """The wire size of the frame `head` starts (None: too few bytes to say yet); FrameError
     as soon as the bytes there show it is not a valid frame."""
     if len(head) < 4:
         return None
-    (length,) = struct.unpack_from(">I", head)
+    length: int = struct.unpack_from(">I", head)[0]
     if not 1 <= length <= MAX_FRAME:
         raise FrameError(f"frame length {length} not in 1..{MAX_FRAME}")
     if len(head) >= 5 and head[4] not in (FrameType.DATA, FrameType.CLOSE) and not (

@@ -52,7 +52,6 @@ starts the next session there; otherwise H comes back at the guest's next open.
 from __future__ import annotations
 
 import array
-import dataclasses
 import fcntl
 import logging
 import math
@@ -101,6 +100,7 @@ CONNECT_TIMEOUT = 10.0
 SLOW_PEER_GRACE = 0.5  # drop-peer: a peer whose queue stays full this long is dropped
 STABLE_AFTER = 1.0  # a client connection that lived this long resets the reconnect backoff
 HANGUP_WAIT = 1.0  # a new connection waits this long for a peer that hung up to leave
+HANGUP_POLL = 0.2  # how often a session-mode peer with bytes waiting is checked for a hang-up
 
 TOO_SLOW, MALFORMED = "too slow", "malformed frame"  # why we cut a peer off (Peer.dropped)
 
@@ -125,6 +125,10 @@ class Endpoint(Protocol):
     async def listen(self) -> trio.socket.SocketType: ...
 
     async def connect(self) -> trio.socket.SocketType: ...
+
+    def adopted(self, listener: trio.socket.SocketType) -> None:
+        """`listener` is the one a predecessor made (kept in the port's custody)."""
+        ...
 
     def cleanup(self) -> None: ...
 
@@ -403,7 +407,7 @@ class PeerBackend(ConfigurableBackend):
                 self._blocked = len(payload)
                 return False
             for p in targets:
-                p.push(payload)
+                p.push(payload)  # can_take: it fits
         else:
             now = trio.current_time()
             waiting: list[float] = []
@@ -436,9 +440,7 @@ class PeerBackend(ConfigurableBackend):
 
     def session_opened(self, session: Session) -> None:
         if self.opts.mode == "framed":
-            frame = encode(Open(session.id, session.port_name))
-            for p in self._live():
-                p.push(frame)
+            self._push_frame(encode(Open(session.id, session.port_name)))
         elif self.opts.mode == "session":
             self._bind()
         self._poke.set()
@@ -446,16 +448,25 @@ class PeerBackend(ConfigurableBackend):
     def session_closed(self, session: Session, reason: Reason) -> None:
         self._blocked = None
         if self.opts.mode == "framed":
-            frame = encode(Close(session.id, reason.value))
-            for p in self._live():
-                p.push(frame)
+            self._push_frame(encode(Close(session.id, reason.value)))
         elif self.opts.mode == "session":
             for p in self._live():
                 if p.session == session:
                     log.info("%s: session %d closed (%s): closing peer %s",
                              self._where, session.id, reason.value, p.label)
                     p.close_after_flush()
+                    self.port.custody.changed()
         self._poke.set()
+
+    def _push_frame(self, frame: bytes) -> None:
+        """OPEN and CLOSE frames go outside flow control: a peer whose queue cannot take one
+        even past its slack has read nothing for a long time, and is cut off."""
+        for p in self._live():
+            if not p.push(frame):
+                self.counters.peers_dropped_slow += 1
+                log.warning("%s: peer %s has not read its last %d bytes: disconnecting it",
+                            self._where, p.label, len(p.out))
+                p.kill(TOO_SLOW)
 
     # ------------------------------------------------------------------ H and flow control
 
@@ -492,6 +503,7 @@ class PeerBackend(ConfigurableBackend):
                 p.session = session
                 log.info("%s: peer %s lives session %d", self._where, p.label, session.id)
                 p.interrupt_wait()
+                self.port.custody.changed()
                 return
 
     def _maybe_resume(self) -> None:
@@ -546,14 +558,83 @@ class PeerBackend(ConfigurableBackend):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                adopted = self._adopt()
                 nursery.start_soon(self._reconcile_loop)
                 if self.opts.role == "server":
+                    for peer in adopted:
+                        nursery.start_soon(self._run_peer, peer)
                     await self._serve(nursery, task_status)
                 else:
                     task_status.started(None)
+                    for peer in adopted:
+                        await self._run_peer(peer)
                     await self._connect_loop()
         finally:
-            self.endpoint.cleanup()
+            if not self.port.custody.handing_over:
+                self.endpoint.cleanup()
+
+    # ------------------------------------------------------------------ continuity
+
+    def continuity(self) -> dict[str, Any]:
+        return {
+            "serial": self._serial,
+            "counters": self.counters.as_dict(),
+            "peers": {str(p.serial): {"label": p.label, "closing": p.closing,
+                                      "session": p.session.id if p.session else None,
+                                      "partial": p.partial}
+                      for p in self.peers},
+        }
+
+    def _adopt(self) -> list[Peer]:
+        """The peers a predecessor kept (their sockets and FIFOs), taken back as they were:
+        nothing is sent to them (no second OPEN) and H stays as the port has it."""
+        custody = self.port.custody
+        saved = custody.saved
+        try:
+            self.counters = PeerCounters(**saved.get("counters", {}))
+            self._serial = int(saved.get("serial", 0))
+        except (TypeError, ValueError) as e:
+            log.error("%s: the predecessor's counters are unusable (%s): starting at 0",
+                      self._where, e)
+        metas = saved.get("peers", {})
+        adopted: list[Peer] = []
+        for name in custody.kept("peer."):
+            fd = custody.take(name)
+            serial = name.removeprefix("peer.")
+            if fd is None or not serial.isdigit():
+                continue
+            try:
+                sock = trio.socket.socket(fileno=fd)
+            except OSError as e:
+                log.error("%s: the kept socket %s is unusable: %s", self._where, name, e)
+                custody.release(name)
+                os.close(fd)
+                continue
+            meta = metas.get(serial, {}) if isinstance(metas, dict) else {}
+            self._serial = max(self._serial, int(serial))
+            peer = Peer(sock, int(serial), str(meta.get("label", f"#{serial}")),
+                        self.opts.peer_queue, custody, framed=self.opts.mode == "framed")
+            session = self.port.session
+            if session is not None and meta.get("session") == session.id:
+                peer.session = session
+            partial = meta.get("partial")
+            if isinstance(partial, list) and len(partial) == 2:
+                peer.partial = (int(partial[0]), int(partial[1]))
+            if meta.get("closing"):
+                peer.close_after_flush()
+            self.peers.append(peer)
+            adopted.append(peer)
+            log.info("%s: peer %s taken back from the predecessor (%d bytes queued for it)",
+                     self._where, peer.label, len(peer.out))
+        # FIFOs whose socket did not make it into the store: nothing can be done with them.
+        for name in custody.kept("peerq.") + custody.kept("peerin."):
+            fd = custody.take(name)
+            custody.release(name)
+            if fd is not None:
+                os.close(fd)
+        if adopted:
+            self._bind()
+        return adopted
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -563,34 +644,48 @@ class PeerBackend(ConfigurableBackend):
             self._maybe_resume()
 
     async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[Any]) -> None:
-        listener = await listen_retrying(self.endpoint, self._where, self._listen_failed)
-        accepts = ListenerCounters()  # for accept_connection's log lines
+        custody = self.port.custody
+        kept = custody.take("listen")
+        if kept is not None:
+            listener = trio.socket.socket(fileno=kept)
+            self.endpoint.adopted(listener)
+        else:
+            listener = await listen_retrying(self.endpoint, self._where, self._listen_failed)
+            custody.keep("listen", listener.fileno())
         with listener:
-            self.address = listener.getsockname()
-            log.info("%s: listening (%s mode, up to %d peer(s))",
-                     self._where, self.opts.mode, self.opts.max_peers)
-            task_status.started(self.address)
-            while True:
-                sock = await accept_connection(listener, self._where, accepts)
-                policy = self.endpoint.policy
-                if policy is not None and refuses(policy, sock, self._where):
-                    self.counters.peers_not_allowed += 1
+            try:
+                await self._accept_loop(listener, nursery, task_status)
+            finally:
+                custody.release("listen")
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery,
+                           task_status: trio.TaskStatus[Any]) -> None:
+        accepts = ListenerCounters()  # for accept_connection's log lines
+        self.address = listener.getsockname()
+        log.info("%s: listening (%s mode, up to %d peer(s))",
+                 self._where, self.opts.mode, self.opts.max_peers)
+        task_status.started(self.address)
+        while True:
+            sock = await accept_connection(listener, self._where, accepts)
+            policy = self.endpoint.policy
+            if policy is not None and refuses(policy, sock, self._where):
+                self.counters.peers_not_allowed += 1
+                sock.close()
+                continue
+            if len(self._live()) >= self.opts.max_peers:
+                try:
+                    await self._let_hung_up_peers_leave()
+                except BaseException:  # cancelled: the backend stops
                     sock.close()
-                    continue
-                if len(self._live()) >= self.opts.max_peers:
-                    try:
-                        await self._let_hung_up_peers_leave()
-                    except BaseException:  # cancelled: the backend stops
-                        sock.close()
-                        raise
-                if len(self._live()) >= self.opts.max_peers:
-                    self.counters.peers_refused += 1
-                    log.warning("%s: connection refused: max_peers %d reached",
-                                self._where, self.opts.max_peers)
-                    sock.close()
-                    continue
-                self.counters.peers_accepted += 1
-                nursery.start_soon(self._run_peer, self._arrive(sock))
+                    raise
+            if len(self._live()) >= self.opts.max_peers:
+                self.counters.peers_refused += 1
+                log.warning("%s: connection refused: max_peers %d reached",
+                            self._where, self.opts.max_peers)
+                sock.close()
+                continue
+            self.counters.peers_accepted += 1
+            nursery.start_soon(self._run_peer, self._arrive(sock))
 
     async def _let_hung_up_peers_leave(self) -> None:
         """Wait (up to HANGUP_WAIT) for the live peers that already hung up to leave: their
@@ -634,7 +729,10 @@ class PeerBackend(ConfigurableBackend):
         except OSError:
             name = None
         label = f"#{self._serial}" + (f" {name[0]}:{name[1]}" if isinstance(name, tuple) else "")
-        peer = Peer(sock, label, self.opts.peer_queue)
+        custody = self.port.custody
+        peer = Peer(sock, self._serial, label, self.opts.peer_queue, custody,
+                    framed=self.opts.mode == "framed")
+        custody.keep(peer.name, sock.fileno())
         self.peers.append(peer)
         log.info("%s: peer %s connected", self._where, label)
         before = self.port.session
@@ -642,6 +740,7 @@ class PeerBackend(ConfigurableBackend):
         session = self.port.session
         if self.opts.mode == "framed" and session is not None and session == before:
             peer.push(encode(Open(session.id, session.port_name)))  # else session_opened did
+        custody.changed()
         self._maybe_resume()
         return peer
 
@@ -653,6 +752,7 @@ class PeerBackend(ConfigurableBackend):
         log.info("%s: peer %s disconnected (%s)", self._where, peer.label, why)
         if trio.current_effective_deadline() == -math.inf:
             return  # the backend itself is stopping (port removed, shutdown): leave H alone
+        self.port.custody.changed()
         session = self.port.session
         if (
             self.opts.mode == "session"
@@ -680,13 +780,16 @@ class PeerBackend(ConfigurableBackend):
                         log.info("%s: peer %s: %s", self._where, peer.label, e)
                     nursery.cancel_scope.cancel()
         finally:
-            peer.close_socket()
-            self._count_lost(peer, stopping=trio.current_effective_deadline() == -math.inf)
+            stopping = trio.current_effective_deadline() == -math.inf
+            if not (stopping and self.port.custody.handing_over):
+                # At a hand-over the peer goes on with the successor, queue and all.
+                self._count_lost(peer, stopping=stopping)
+            peer.close()
             self._depart(peer)
 
     def _count_lost(self, peer: Peer, *, stopping: bool) -> None:
         """What a departing peer leaves behind, both ways (see the module doc)."""
-        if peer.out:
+        if len(peer.out):
             if peer.dropped == TOO_SLOW:
                 reason = "drop-peer"
             elif peer.dropped is not None:
@@ -699,11 +802,14 @@ class PeerBackend(ConfigurableBackend):
                 reason = "peer-gone"
             self._count_unsent(len(peer.out), reason, f"peer {peer.label}")
             peer.out.clear()
-        if peer.early:
-            self.counters.peer_bytes_dropped += len(peer.early)
-            log.info("%s: peer %s left before its session opened: %d bytes it sent dropped",
-                     self._where, peer.label, len(peer.early))
-            peer.early.clear()
+        # What a stream peer sent that was never taken (framed: a frame being delivered
+        # counts its own rest, see _peer_frame) was read and dropped, as far as it knows.
+        unread = peer.unread() if peer.inbox is None else 0
+        if unread:
+            self.counters.bytes_from_peers += unread
+            self.counters.peer_bytes_dropped += unread
+            log.info("%s: peer %s cut off: %d bytes it sent dropped", self._where, peer.label,
+                     unread)
 
     async def _write_side(self, peer: Peer, cancel: trio.CancelScope) -> None:
         try:
@@ -713,109 +819,142 @@ class PeerBackend(ConfigurableBackend):
             cancel.cancel()
         # After a flush-and-EOF the reader goes on until the peer hangs up (or the deadline).
 
-    async def _receive(self, peer: Peer) -> bytes:
-        data = await peer.stream.receive_some(READ_CHUNK)
-        if peer.closing and data:
+    async def _drop_stale(self, peer: Peer) -> bool:
+        """A peer closed at its session's end: what it still sends is for a session that is
+        over (read and dropped, counted) until it hangs up (False)."""
+        data = await peer.peek()
+        if data:
+            peer.consume(len(data))
             self.counters.stale_bytes += len(data)
             log.info("%s: peer %s: %d bytes after its session ended dropped",
                      self._where, peer.label, len(data))
-        return data
+        return bool(data)
+
+    async def _wait_for_session(self, peer: Peer) -> bool:
+        """Session mode, the peer not bound yet: what it sends waits in its socket until its
+        session opens. False: it hung up meanwhile."""
+        with trio.CancelScope() as wait:
+            peer.wait_scope = wait
+            if not await peer.peek(1):
+                return False
+            # It sent something: only a hang-up (which poll tells with the bytes unread)
+            # ends the wait before the session opens.
+            while not peer.hung_up():
+                await trio.sleep(HANGUP_POLL)
+            return False
+        peer.wait_scope = None
+        return True
 
     async def _read_bytes(self, peer: Peer) -> None:
         """stream and session modes."""
         session_mode = self.opts.mode == "session"
         while True:
             if peer.closing:
-                if not await self._receive(peer):
+                if not await self._drop_stale(peer):
                     return
                 continue
             if session_mode and peer.session is None:
-                # Not bound to a session yet: read ahead a bounded amount, notice a hang-up.
-                with trio.CancelScope() as wait:
-                    peer.wait_scope = wait
-                    if len(peer.early) >= peer.limit:
-                        await trio.sleep_forever()
-                    data = await peer.stream.receive_some(READ_CHUNK)
-                peer.wait_scope = None
-                if wait.cancelled_caught:
-                    continue
-                if not data:
+                if not await self._wait_for_session(peer):
                     return
-                self.counters.bytes_from_peers += len(data)
-                peer.early += data
                 continue
-            if peer.early:
-                early, peer.early = bytes(peer.early), bytearray()
-                await self._deliver(peer, early, peer.session)
-                continue
-            data = await self._receive(peer)
+            data = await peer.peek()
             if not data:
                 return
             if peer.closing:
                 continue
-            self.counters.bytes_from_peers += len(data)
             # Only ever into the session the bytes were read in (the port drops the rest of
             # them, counted stale, if that session ends while we wait for room).
             session = peer.session if session_mode else self.port.session
-            await self._deliver(peer, data, session)
+            await self._deliver(data, session, lambda n: self._took(peer, n))
 
-    async def _deliver(self, peer: Peer, data: bytes, session: Session | None) -> None:
-        """`port.send_all(data, session)`, counting what is left if the peer is cut off while
-        the bytes wait for room."""
+    async def _deliver(self, data: bytes | memoryview, session: Session | None,
+                       on_sent: Callable[[int], None]) -> None:
+        """`port.send_all(data, session)`, calling `on_sent(n)` for each piece the port took
+        with no checkpoint in between (see `Peer.consume`)."""
         view = memoryview(data)
-        try:
-            while view:
-                view = view[self.port.send(view, session) :]
-                if view:
-                    await self.port.wait_writable()
-        finally:
+        while view:
+            n = self.port.send(view, session)
+            on_sent(n)
+            view = view[n:]
             if view:
-                self.counters.peer_bytes_dropped += len(view)
-                log.info("%s: peer %s cut off: %d bytes it sent dropped", self._where,
-                         peer.label, len(view))
+                await self.port.wait_writable()
+
+    def _took(self, peer: Peer, n: int) -> None:
+        peer.consume(n)
+        self.counters.bytes_from_peers += n
 
     async def _read_framed(self, peer: Peer) -> None:
+        inbox = peer.inbox
+        assert inbox is not None
         while True:
-            data = await self._receive(peer)
-            if not data:
-                if peer.decoder.buffered:
-                    log.info("%s: peer %s hung up in the middle of a frame", self._where,
-                             peer.label)
-                return
-            if peer.closing:
-                continue
             try:
-                peer.decoder.feed(data)
-                for frame in peer.decoder:
-                    await self._peer_frame(peer, frame)
+                # Whole frames first: a predecessor's, or what the last read completed.
+                while (size := frame_size(inbox.peek(5))) is not None and len(inbox) >= size:
+                    await self._peer_frame(peer, inbox, size)
             except FrameError as e:
                 self.counters.peers_malformed += 1
                 log.warning("%s: peer %s sent a malformed frame, disconnecting it: %s",
                             self._where, peer.label, e)
                 peer.dropped = MALFORMED
                 return
+            if peer.closing:
+                if not await self._drop_stale(peer):
+                    return
+                continue
+            data = await peer.peek(min(READ_CHUNK, inbox.room))
+            if not data:
+                if len(inbox):
+                    log.info("%s: peer %s hung up in the middle of a frame", self._where,
+                             peer.label)
+                return
+            if not peer.closing:
+                inbox.append(data)
+                peer.consume(len(data))
 
-    async def _peer_frame(self, peer: Peer, frame: Open | Data | Close) -> None:
+    async def _peer_frame(self, peer: Peer, inbox: Staging, size: int) -> None:
+        """Handle the inbox's first frame (`size` bytes), then take it out of the inbox."""
+        frame = decode(inbox.peek(size))
+        start = inbox.consumed
         current = self.port.session
         if isinstance(frame, Data):
-            self.counters.bytes_from_peers += len(frame.data)
             if current is None or current.id != frame.session:
+                self.counters.bytes_from_peers += len(frame.data)
                 self.counters.stale_frames += 1
                 self.counters.stale_bytes += len(frame.data)
                 log.info("%s: peer %s: DATA of %d bytes for session %d dropped (open: %s)",
                          self._where, peer.label, len(frame.data), frame.session,
                          current.id if current else "none")
-                return
-            await self._deliver(peer, frame.data, current)
+            else:
+                # A hand-over in the middle of the frame: the successor goes on after what
+                # was delivered (after a crash it delivers the whole frame again).
+                done = peer.partial[1] if peer.partial and peer.partial[0] == start else 0
+                if not done:
+                    self.counters.bytes_from_peers += len(frame.data)
+                peer.partial = (start, done)
+
+                def sent(n: int) -> None:
+                    peer.partial = (start, peer.partial[1] + n if peer.partial else n)
+
+                try:
+                    await self._deliver(memoryview(frame.data)[done:], current, sent)
+                except BaseException:
+                    if not self.port.custody.handing_over and peer.partial is not None:
+                        left = len(frame.data) - peer.partial[1]
+                        self.counters.peer_bytes_dropped += left
+                        log.info("%s: peer %s cut off: %d bytes it sent dropped", self._where,
+                                 peer.label, left)
+                    raise
         elif isinstance(frame, Close):
             if current is None or current.id != frame.session:
                 self.counters.stale_frames += 1
                 log.info("%s: peer %s: CLOSE for session %d ignored (open: %s)",
                          self._where, peer.label, frame.session,
                          current.id if current else "none")
-                return
-            log.info("%s: peer %s ends session %d (%s)", self._where, peer.label,
-                     frame.session, frame.reason)
-            self.port.end_session()
-        else:  # the decoder refuses OPEN from peers; kept for exhaustiveness
+            else:
+                log.info("%s: peer %s ends session %d (%s)", self._where, peer.label,
+                         frame.session, frame.reason)
+                self.port.end_session()
+        else:  # frame_size refuses OPEN from peers; kept for exhaustiveness
             raise FrameError("peers may not send OPEN")
+        peer.partial = None
+        inbox.consume(size)

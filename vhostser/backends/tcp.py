@@ -200,6 +200,9 @@ class TcpEndpoint:
             raise
         return sock
 
+    def adopted(self, listener: trio.socket.SocketType) -> None:
+        pass
+
     def cleanup(self) -> None:
         pass
 

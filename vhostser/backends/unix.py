@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -91,6 +92,15 @@ class UnixEndpoint:
             sock.close()
             raise
         return sock
+
+    def adopted(self, listener: trio.socket.SocketType) -> None:
+        # The predecessor's socket file is ours to remove at the end, if it is still there.
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if stat.S_ISSOCK(st.st_mode) and listener.getsockname() == self.path:
+            self._bound = (st.st_dev, st.st_ino)
 
     def cleanup(self) -> None:
         """Remove our socket file (only ours: not one a successor bound since)."""

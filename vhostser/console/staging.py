@@ -45,10 +45,15 @@ class Staging:
         return appended - consumed
 
     @property
+    def consumed(self) -> int:
+        """Bytes consumed since the FIFO was made: where its oldest byte stands."""
+        return self._counts()[1]
+
+    @property
     def room(self) -> int:
         return self.capacity - len(self)
 
-    def append(self, data: bytes | memoryview) -> int:
+    def append(self, data: bytes | bytearray | memoryview) -> int:
         """Stage what fits of `data`; how many bytes that was."""
         appended, consumed = self._counts()
         n = min(len(data), self.capacity - (appended - consumed))

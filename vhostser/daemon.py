@@ -10,7 +10,7 @@ import select
 import shlex
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from . import state as state_mod
 from . import systemd
 from .config import PortSpec, VMConfig
 from .console import ConsoleDevice, DeviceState, Port, PortBackend, PortConfig, PortState
+from .console.port import Custody
 from .console.session import Input, State
 from .console.staging import Staging
 from .continuity import RequestKind, SharedStaging, StateRegion
@@ -87,10 +88,70 @@ def qemu_command_line(cfg: VMConfig, mem: str = "1G") -> str:
     )
 
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+# The snapshot versions this daemon resumes: 1 had no "backends" (its backends kept no fds).
+RESUMES_VERSIONS = (1, 2)
 # Counters and staged bytes change with every chain; they reach the state region this often
 # (everything else as it changes).
 CHECKPOINT_INTERVAL = 0.5
+
+
+class PortCustody(Custody):
+    """A port's custody in the daemon's fd store: names are "port<id>.<name>"."""
+
+    def __init__(self, daemon: Daemon, port_id: int, saved: Mapping[str, Any],
+                 inherited: set[str]) -> None:
+        self._daemon = daemon
+        self._prefix = f"port{port_id}."
+        self.saved = saved
+        self._inherited = inherited  # the predecessor's names not taken yet (shared)
+
+    @property
+    def enabled(self) -> bool:  # type: ignore[override]
+        return self._daemon.store.enabled
+
+    @property
+    def handing_over(self) -> bool:
+        return self._daemon.handing_over
+
+    def keep(self, name: str, fd: int) -> None:
+        self._daemon._custody(self._prefix + name, fd)
+
+    def release(self, name: str) -> None:
+        self._daemon._custody(self._prefix + name, None)
+
+    def take(self, name: str) -> int | None:
+        full = self._prefix + name
+        if full not in self._inherited:
+            return None
+        self._inherited.discard(full)
+        return self._daemon.store.fd(full)
+
+    def kept(self, prefix: str) -> list[str]:
+        start = self._prefix + prefix
+        return sorted(n.removeprefix(self._prefix) for n in self._inherited
+                      if n.startswith(start))
+
+    def fifo(self, name: str, capacity: int) -> Staging:
+        full = self._prefix + name
+        fd = self.take(name)
+        if fd is not None:
+            try:
+                shared = SharedStaging(fd, release=lambda: self.release(name))
+                if shared.capacity == capacity:
+                    return shared
+                shared.close()
+            except (OSError, ValueError) as e:
+                log.error("%s: the stored FIFO is unusable (%s): a new one", full, e)
+                self.release(name)
+                os.close(fd)
+        if not self.enabled:
+            return super().fifo(name, capacity)
+        return SharedStaging.create(capacity, keep=lambda fd: self.keep(name, fd),
+                                    release=lambda: self.release(name))
+
+    def changed(self) -> None:
+        self._daemon.checkpoint()
 
 
 class Daemon:
@@ -124,6 +185,14 @@ class Daemon:
         )
         self.device.core.checkpoint = self.checkpoint
         self.device.core.new_staging = self._new_staging
+        # What the predecessor's backends kept (port<id>.* but the staging buffers), until
+        # each is taken back; and each port's saved continuity.
+        self._inherited = {n for n in self.store.names()
+                           if n.startswith("port") and not n.endswith(".staging")}
+        saved = resume.get("backends", {}) if resume is not None else {}
+        self.device.custody_for = lambda pid: PortCustody(
+            self, pid, saved.get(str(pid), {}) if isinstance(saved, dict) else {},
+            self._inherited)
         self.backend = VhostUserBackend(self.device)
         self.backend.custody = self._custody
         self.device.on_broken = self.backend.mark_needs_reset
@@ -204,9 +273,19 @@ class Daemon:
                 self.next_ids[pid] = resumed[pid].next_session_id
                 self.device.core.remove_port(pid)
                 self.device.settle()
+                self._drop_inherited(f"port{pid}.")
         for pid, spec in wanted.items():
             if pid not in self.specs:
                 self.add_port(spec)
+
+    def _drop_inherited(self, prefix: str) -> None:
+        """The predecessor's fds for a port that is gone (or not the same port any more)."""
+        for name in sorted(n for n in self._inherited if n.startswith(prefix)):
+            self._inherited.discard(name)
+            fd = self.store.fd(name)
+            self._custody(name, None)
+            if fd is not None:
+                os.close(fd)
 
     # -------------------------------------------------------------- ports
 
@@ -313,6 +392,8 @@ class Daemon:
             "console": self.device.state.to_dict(),
             "next_ids": {str(k): v for k, v in sorted(self.next_ids.items())},
             "fd_aliases": self.store.aliases,
+            "backends": {str(pid): port.backend.continuity()
+                         for pid, port in sorted(self.device.ports.items())},
         }
 
     def checkpoint(self) -> int:

@@ -24,7 +24,7 @@ from .admin import serve_admin, serve_metrics
 from .config import ConfigError, VMConfig, load
 from .continuity import RegionError, StateRegion
 from .custody import FdStore
-from .daemon import SNAPSHOT_VERSION, Daemon
+from .daemon import RESUMES_VERSIONS, Daemon
 from .fds import close_fds
 from .sockets import inherited_unix, is_listening, listen_unix
 
@@ -72,10 +72,10 @@ def recover(
                       cfg.name, e)
         else:
             version = doc.get("version")
-            if version != SNAPSHOT_VERSION:
+            if version not in RESUMES_VERSIONS:
                 raise NewerStateError(
                     f"vm {cfg.name}: the stored state is version {version!r}, this vhostser "
-                    f"resumes version {SNAPSHOT_VERSION}: leaving every fd in the store for "
+                    f"resumes versions {RESUMES_VERSIONS}: leaving every fd in the store for "
                     "a vhostser that reads it")
             aliases = doc.get("fd_aliases", {})
             store = FdStore.recovered(recovered, aliases if isinstance(aliases, dict) else {})

@@ -205,9 +205,27 @@ def test_a_newer_state_is_left_for_a_daemon_that_reads_it(service: Service) -> N
         [sys.executable, "-m", "vhostser", "run", "--config", str(service.config)],
         service.env, service.tmp / "stderr")
     assert service.manager.proc is not None and service.manager.proc.wait(20) == 1
-    assert ("the stored state is version 99, this vhostser resumes version 1: leaving every "
-            "fd in the store for a vhostser that reads it") in service.stderr()
+    assert ("the stored state is version 99, this vhostser resumes versions 1, 2: leaving "
+            "every fd in the store for a vhostser that reads it") in service.stderr()
     assert service.manager.names() == names
+
+
+def test_an_older_state_is_resumed(service: Service) -> None:
+    """An upgrade from the previous release: its state (version 1, no backends' continuity)
+    is resumed, not refused."""
+    service.start()
+    service.manager.terminate()
+    (state_fd,) = [fd for n, fd in service.manager.store if n == "state"]
+    region = StateRegion(os.dup(state_fd))
+    doc = region.read()
+    doc["version"] = 1
+    del doc["backends"]
+    region.write(doc)
+    region.close()
+    service.start()  # the successor's stderr
+    log = service.stderr()
+    assert service.manager.terminate() == 0
+    assert "resuming from the fd store" in log and "leaving every fd" not in log, log
 
 
 ACTIONS = st.lists(

@@ -203,7 +203,6 @@ backend = {{ type = "echo" }}
     assert in_store == daemon_count and in_store > 1
 
 
-@pytest.mark.xfail(strict=True, reason="host peers' fds are not in the fd store yet")
 def test_host_peer_stays_connected_across_kill(rig, vm: VM) -> None:  # type: ignore[no-untyped-def]
     data_sock = f"{vm.run_dir}/data.sock"
     vm.start(f"""

@@ -73,9 +73,10 @@ def recover(
         else:
             version = doc.get("version")
             if version not in RESUMES_VERSIONS:
+                versions = ", ".join(map(str, RESUMES_VERSIONS))
                 raise NewerStateError(
                     f"vm {cfg.name}: the stored state is version {version!r}, this vhostser "
-                    f"resumes versions {', '.join(map(str, RESUMES_VERSIONS))}: leaving every fd in the store for "
+                    f"resumes versions {versions}: leaving every fd in the store for "
                     "a vhostser that reads it")
             aliases = doc.get("fd_aliases", {})
             store = FdStore.recovered(recovered, aliases if isinstance(aliases, dict) else {})

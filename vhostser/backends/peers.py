@@ -14,7 +14,7 @@ session  one connection lives exactly one guest session. A peer waiting while th
          so the peer reads EOF exactly at the session boundary. The peer hanging up ends the
          session from the host side (the guest reads EOF). One peer at a time (a peer still
          finishing the previous session does not count). Bytes a peer sends before its
-         session opens are read ahead (up to peer_queue) and delivered when it opens.
+         session opens wait in its socket and are delivered when it opens.
 framed   like stream, but every byte is carried in frames that name the session, and the
          session's open and close are frames too: see `framing` for the wire format.
 
@@ -36,6 +36,16 @@ port removed, the daemon stopping). So with one peer, the guest bytes the port h
 backend = bytes_sent + the dropped + what is still queued (framed mode counts frames,
 headers included). Bytes read from a peer that never reach the port are
 `peer_bytes_dropped`.
+
+Continuity: the listening socket, every peer's socket, its queue and (framed) its inbox are
+in the port's custody (`Port.custody`; the daemon's is the fd store), and `continuity()` says
+which session each peer lives. A successor takes them back in `run` and goes on: no OPEN is
+sent again, H stays as the port has it. So that no byte is lost in between, bytes leave a
+peer's socket only once the port has them staged (`Peer.peek`, then `Peer.consume` with no
+checkpoint between) and guest bytes are in the peer's queue before their chain is completed;
+a crash repeats at most the one read being staged (framed: the DATA frame being delivered)
+and the one write to a socket not yet marked sent. Bytes still unread in a socket when a
+peer is cut off count as read and dropped (`peer_bytes_dropped`).
 
 A peer that hung up does not hold a place under `max_peers` while its hang-up waits to be
 read: a connection arriving then waits (up to HANGUP_WAIT) for it to leave instead of being

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,22 @@ class Service:
 
 @pytest.fixture
 def service() -> Iterator[Service]:
+    with a_service() as s:
+        yield s
+
+
+@contextmanager
+def a_service(config: str = CONFIG) -> Iterator[Service]:
+    """A Service in a directory of its own (its daemon's stderr printed on failure with
+    LIVE_DEBUG=1), gone afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="vhs-live-"))
-    s = Service(tmp)
+    s = Service(tmp, config)
     try:
         yield s
+    except BaseException:
+        if os.environ.get("LIVE_DEBUG"):
+            print(s.stderr()[-20000:])
+        raise
     finally:
         s.manager.close()
         s.listener.close()
@@ -246,18 +259,8 @@ def test_any_traffic_script_survives_any_kills(script: list[tuple[str, int]]) ->
     """A traffic script with kills, planned restarts and VM pauses at arbitrary points: in the
     end every byte the guest wrote came back, in order, with at most one write repeated per
     SIGKILL (none for a planned restart), and the session never changed."""
-    tmp = Path(tempfile.mkdtemp(prefix="vhs-live-h-"))
-    service = Service(tmp)
-    try:
+    with a_service() as service:
         trio.run(_run_script, service, script)
-    except BaseException:
-        if os.environ.get("LIVE_DEBUG"):
-            print(service.stderr()[-20000:])
-        raise
-    finally:
-        service.manager.close()
-        service.listener.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _run_script(service: Service, script: list[tuple[str, int]]) -> None:
@@ -358,18 +361,8 @@ async def test_host_peers_stay_connected_across_restarts() -> None:
     SIGKILLs: the peers' connections are the same throughout (never an EOF or a reset),
     the framed peer sees one OPEN and no CLOSE, and every byte arrives both ways: exactly
     after a planned restart, with at most one stretch repeated per kill and direction."""
-    tmp = Path(tempfile.mkdtemp(prefix="vhs-live-p-"))
-    service = Service(tmp, PEERS_CONFIG)
-    try:
+    with a_service(PEERS_CONFIG) as service:
         await _peers_across_restarts(service)
-    except BaseException:
-        if os.environ.get("LIVE_DEBUG"):
-            print(service.stderr()[-20000:])
-        raise
-    finally:
-        service.manager.close()
-        service.listener.close()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _peers_across_restarts(service: Service) -> None:

@@ -6,6 +6,11 @@
 # The loop ends when the host types STOP on the console, after $E2E_SECONDS (default 30) or
 # after $E2E_REQUESTS requests (0: no limit), whichever comes first.
 #   $E2E_SLOW_MS  report each wait at least this long as an E2E-GAP line (default 200)
+#   $E2E_MIB      if set, meanwhile $E2E_MIB MiB of random bytes out on org.test.framed and
+#                 $E2E_MIB MiB in from org.test.data ("R" on org.test.data when both are
+#                 open); after the loop "BACK" and both files, in then out, on org.test.data,
+#                 so that the host sees what the guest received and sent byte for byte; then
+#                 the guest waits for END on the console before it closes the ports.
 # Times are /proc/uptime in centiseconds, read without a fork (10 ms resolution).
 . /tests/_lib.sh
 P=/dev/virtio-ports/${E2E_PORTNAME:-org.test.echo}
@@ -15,6 +20,16 @@ exec 3<>"$P"
 now() { read -r up _ </proc/uptime; NOW=${up%.*}${up#*.}; }
 
 rm -f /tmp/stop /tmp/counter_last
+MIB=${E2E_MIB:-0}
+if [ "$MIB" -gt 0 ]; then
+  dd if=/dev/urandom of=/tmp/out bs=65536 count=$((MIB * 16)) 2>/dev/null
+  exec 5<>/dev/virtio-ports/org.test.data 6>/dev/virtio-ports/org.test.framed
+  echo R >&5
+  dd if=/tmp/out bs=65536 >&6 2>/dev/null &
+  g2h=$!
+  dd iflag=fullblock bs=65536 count=$((MIB * 16)) <&5 of=/tmp/in 2>/dev/null &
+  h2g=$!
+fi
 (
   n=0
   while [ ! -e /tmp/stop ]; do
@@ -55,5 +70,13 @@ touch /tmp/stop
 kill "$stopper" 2>/dev/null
 wait "$counter"
 echo "E2E-METRIC requests=$i answered=$answered duplicates=$dups worst_gap_ms=$worst counter_last=$(cat /tmp/counter_last)"
+if [ "$MIB" -gt 0 ]; then
+  wait "$g2h" "$h2g"
+  echo "E2E-METRIC in_bytes=$(wc -c </tmp/in) in_sha=$(sha256sum </tmp/in | cut -d' ' -f1) out_sha=$(sha256sum </tmp/out | cut -d' ' -f1)"
+  echo BACK >&5
+  cat /tmp/in /tmp/out >&5
+  read -r _ <&4
+  exec 5<&- 6<&-
+fi
 exec 3<&- 4<&-
 [ "$i" -gt 0 ] && [ "$answered" = "$i" ]

@@ -15,6 +15,7 @@ from vhostser.continuity import SharedStaging
 
 
 @given(st.lists(st.one_of(st.binary(max_size=40).map(lambda b: ("put", b)),
+                          st.binary(max_size=40).map(lambda b: ("fill", b)),
                           st.integers(0, 40).map(lambda n: ("take", n))), max_size=60))
 def test_a_bounded_fifo(ops: list[tuple[str, object]]) -> None:
     staging = Staging.in_memory(32)
@@ -25,6 +26,15 @@ def test_a_bounded_fifo(ops: list[tuple[str, object]]) -> None:
             n = staging.append(arg)
             assert n == min(len(arg), 32 - len(model))
             model += arg[:n]
+        elif op == "fill":  # a read straight into the ring: up to its wrap or the room
+            assert isinstance(arg, bytes)
+            view = staging.free_view(len(arg))
+            assert 0 < len(view) or not arg or len(model) == 32
+            view[:] = arg[:len(view)]
+            with pytest.raises(ValueError):
+                staging.commit(len(view) + 1 + 32)
+            staging.commit(len(view))
+            model += arg[:len(view)]
         else:
             assert isinstance(arg, int)
             got = bytes(staging.peek(arg))

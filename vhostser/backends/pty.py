@@ -21,6 +21,14 @@ through the master (on Linux a pty master's termios calls act on the slave side)
 the slave is reopened, so that input still waiting is never processed in cooked mode, and
 once more after (the reopen waits for the hang-up to finish, the reset included). Counted in
 `hangups`, logged. A program that changes the slave's modes itself later keeps them.
+
+Continuity: the master, our slave fd, the queue towards the pty (`ptyq`) and the bytes read
+from it but not yet staged for the guest (`ptyin`) are in the port's custody, so that under
+a service manager's fd store a restart keeps the same /dev/pts/N, and a `screen` attached
+to it sees nothing. Bytes written to the master are consumed from the queue after the
+write (a SIGKILL in between writes up to one chunk again); bytes are read from the master
+straight into `ptyin` (a pty cannot be peeked, so a SIGKILL in the instant between the read
+and its count's store loses that read: at most one chunk, the only window there is).
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ from typing import Any, Self
 
 import trio
 
-from ..console.port import Counters
+from ..console.core import MAX_TX_CHAIN_BYTES
+from ..console.port import Counters, Custody
+from ..console.staging import Staging
 from ..options import Options
 from ..sockets import PeerPolicy
 from .options import ANYONE, ConfigurableBackend
@@ -95,7 +105,9 @@ class PtyBackend(ConfigurableBackend):
         self._master = -1
         self._slave = -1  # ours: keeps the master alive, and tells of a hang-up
         self._raw: list[Any] = []  # the slave's termios as we set it
-        self._out = bytearray()
+        # Towards the pty, and read from it (both in the port's custody once run() starts).
+        self._out = Staging.in_memory(1)
+        self._in = Staging.in_memory(1)
         self._wake = trio.Event()
         self._blocked: int | None = None
 
@@ -113,26 +125,58 @@ class PtyBackend(ConfigurableBackend):
         return {"kind": "pty", "path": self.path, "link": self.link}
 
     def guest_data(self, data: bytes) -> bool:
-        if self._master < 0 or (self._out and len(self._out) + len(data) > self.limit):
+        if self._master < 0 or (len(self._out) and len(self._out) + len(data) > self.limit):
             self._blocked = len(data)
             return False
-        self._out += data
+        self._out.append(data)  # fits: the queue has a chain's room beyond `limit`
         self.counters.bytes_to_pty += len(data)
         self._wake.set()
         return True
 
+    def continuity(self) -> dict[str, Any]:
+        return {"counters": self.counters.as_dict(), "path": self.path}
+
     def _maybe_resume(self) -> None:
         if self._blocked is not None and self._master >= 0 and (
-            not self._out or len(self._out) + self._blocked <= self.limit
+            not len(self._out) or len(self._out) + self._blocked <= self.limit
         ):
             self._blocked = None
             self.port.resume_guest_data()
 
-    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    def _open(self, custody: Custody) -> tuple[int, bool]:
+        """The master and our slave: the predecessor's (True), or a new pty."""
+        master, slave = custody.take("pty"), custody.take("pty.slave")
+        if master is not None and slave is not None:
+            try:
+                if os.isatty(master) and os.isatty(slave):
+                    self._slave = slave
+                    return master, True
+            except OSError:
+                pass
+            log.error("%s: the kept pty is unusable: making a new one", self._label())
+        for name, fd in (("pty", master), ("pty.slave", slave)):
+            custody.release(name)
+            if fd is not None:
+                os.close(fd)
         master, self._slave = os.openpty()
+        custody.keep("pty", master)
+        custody.keep("pty.slave", self._slave)
+        return master, False
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        custody = self.port.custody
+        try:
+            self.counters = PtyCounters(**custody.saved.get("counters", {}))
+        except TypeError as e:
+            log.error("%s: the predecessor's counters are unusable (%s): starting at 0",
+                      self._label(), e)
+        master, adopted = self._open(custody)
+        self._out = custody.fifo("ptyq", self.limit + MAX_TX_CHAIN_BYTES)
+        self._in = custody.fifo("ptyin", READ_CHUNK)
         hangup = select.epoll()
         try:
-            tty.setraw(self._slave)
+            if not adopted:
+                tty.setraw(self._slave)
             self._raw = termios.tcgetattr(self._slave)
             # Registered for no event: epoll reports only the fd's hang-up (and errors).
             hangup.register(self._slave, 0)
@@ -144,8 +188,11 @@ class PtyBackend(ConfigurableBackend):
                     make_symlink(path, self.link)
                 except OSError as e:
                     log.error("%s: cannot link %s to %s: %s", self._label(), self.link, path, e)
-            log.info("%s: pty %s%s", self._label(), path,
-                     f" (link {self.link})" if self.link else "")
+            log.info("%s: pty %s%s%s", self._label(), path,
+                     f" (link {self.link})" if self.link else "",
+                     f", taken back from the predecessor ({len(self._out)} bytes queued for"
+                     f" it)" if adopted else "")
+            custody.changed()
             self.port.host_attach()
             self._maybe_resume()
             task_status.started(path)
@@ -155,13 +202,18 @@ class PtyBackend(ConfigurableBackend):
                 await self._read_loop(master)
         finally:
             self._master = -1
-            if self.link and self.path:
-                remove_symlink(self.path, self.link)
             trio.lowlevel.notify_closing(master)
             trio.lowlevel.notify_closing(hangup.fileno())
             hangup.close()
+            if not custody.handing_over:
+                if self.link and self.path:
+                    remove_symlink(self.path, self.link)
+                for name in ("pty", "pty.slave", "ptyq", "ptyin"):
+                    custody.release(name)
             os.close(master)
             os.close(self._slave)
+            self._out.close()
+            self._in.close()
 
     async def _watch_hangups(self, master: int, path: str, hangup: select.epoll) -> None:
         while True:
@@ -179,39 +231,49 @@ class PtyBackend(ConfigurableBackend):
                 continue
             termios.tcsetattr(master, termios.TCSANOW, self._raw)
             hangup.unregister(self._slave)
+            self.port.custody.release("pty.slave")
             os.close(self._slave)
             self._slave = slave
+            self.port.custody.keep("pty.slave", slave)
             hangup.register(slave, 0)
             self.counters.hangups += 1
             log.info("%s: pty %s was hung up (vhangup): raw mode restored", self._label(), path)
 
     async def _read_loop(self, master: int) -> None:
+        inbox = self._in
         while True:
+            # What a predecessor read and did not stage goes first; it is counted already.
+            while len(inbox):
+                n = self.port.send(inbox.peek(len(inbox)), self.port.session)
+                inbox.consume(n)
+                if len(inbox):
+                    await self.port.wait_writable()
             await trio.lowlevel.wait_readable(master)
             try:
-                data = os.read(master, READ_CHUNK)
+                n = os.readv(master, [inbox.free_view(READ_CHUNK)])
             except BlockingIOError:
                 continue
             except OSError as e:  # EIO: only between a hang-up and our reopen of the slave
                 log.warning("%s: reading the pty: %s", self._label(), e)
                 await trio.sleep(0.1)
                 continue
-            if not data:
+            if not n:
                 await trio.sleep(0.1)
                 continue
-            self.counters.bytes_from_pty += len(data)
-            await self.port.send_all(data, self.port.session)
+            inbox.commit(n)
+            self.counters.bytes_from_pty += n
 
     async def _write_loop(self, master: int) -> None:
+        out = self._out
         while True:
-            if not self._out:
+            if not len(out):
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
             await trio.lowlevel.wait_writable(master)
             try:
-                n = os.write(master, self._out[:READ_CHUNK])
+                n = os.write(master, out.peek(READ_CHUNK))
             except BlockingIOError:
                 continue
-            del self._out[:n]
+            out.consume(n)
             self._maybe_resume()

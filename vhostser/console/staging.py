@@ -65,6 +65,22 @@ class Staging:
         struct.pack_into("<Q", self._buf, 0, appended + n)  # published after the bytes
         return n
 
+    def free_view(self, n: int) -> memoryview:
+        """Where the next up to `n` bytes go, contiguous (shorter where the ring wraps or
+        room ends), to be filled in place (a read straight into it) and then `commit`ted."""
+        appended, consumed = self._counts()
+        at = appended % self.capacity
+        return self._ring[at : at + min(n, self.capacity - (appended - consumed),
+                                        self.capacity - at)]
+
+    def commit(self, n: int) -> None:
+        """Publish `n` bytes written into `free_view`."""
+        appended, consumed = self._counts()
+        if not 0 <= n <= min(self.capacity - (appended - consumed),
+                             self.capacity - appended % self.capacity):
+            raise ValueError(f"commit {n}: more than the free view")
+        struct.pack_into("<Q", self._buf, 0, appended + n)
+
     def peek(self, n: int) -> memoryview | bytes:
         """The oldest min(n, len) staged bytes: a view, or a copy where the ring wraps."""
         appended, consumed = self._counts()

@@ -558,3 +558,93 @@ async def _pty_across_restarts(service: Service, port: Any, fd: int, path: str) 
             repeats = _repeats_within(bytes(got), sent, MAX_WRITE)
             assert repeats <= allowed, f"{action} #{phase}: {what} repeated {repeats}"
         assert os.readlink(service.tmp / "pty") == path
+
+
+CONSOLE_CONFIG = """
+[vm]
+name = "live"
+max_ports = 2
+admin_socket = "{tmp}/ctl.sock"
+
+[[port]]
+id = 1
+name = "org.test.console"
+[port.backend]
+type = "console"
+path = "{tmp}/console.log"
+socket = "{tmp}/console.sock"
+scrollback = 4
+reader_queue = "1M"
+"""
+
+
+async def test_console_readers_stay_attached_across_restarts() -> None:
+    """A console reader that is the writer stays connected through two `systemctl
+    restart`s and two SIGKILLs: it gets every byte the guest writes and the guest every
+    byte it types (a stretch repeated at most once per kill and direction, exactly after a
+    planned restart), and stays the writer; a reader arriving afterwards gets the
+    scrollback, which outlived the processes too."""
+    with a_service(CONSOLE_CONFIG) as service:
+        service.start()
+        async with open_frontend(service.vhost_path) as fe:
+            driver = ConsoleDriver(fe, max_ports=2)
+            await driver.probe()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(driver.run)
+                port = await driver.wait_port("org.test.console")
+                await port.open()
+                reader = await _connect(str(service.tmp / "console.sock"))
+                seen = bytearray()
+                for phase, action in enumerate(["term", "kill", "term", "kill"]):
+                    await _console_phase(service, port, reader, seen, phase, action)
+                late = await _connect(str(service.tmp / "console.sock"))
+                scrollback = bytearray()
+                with trio.fail_after(10):
+                    while len(scrollback) < 4096:
+                        scrollback.extend(await late.receive_some(1 << 16))
+                assert scrollback == seen[-4096:]
+                stats = await trio.to_thread.run_sync(service.ctl, "stats")
+                nursery.cancel_scope.cancel()
+        assert service.stderr().count("taken back from the predecessor") == 4
+    assert isinstance(stats, dict)
+    backend = stats["ports"]["1"]["backend"]
+    assert backend["writers"] == 1 and backend["input_dropped"] == 0, backend
+
+
+async def _console_phase(service: Service, port: Any, reader: Any, seen: bytearray,
+                         phase: int, action: str) -> None:
+    rng = random.Random(phase)
+    g2h, h2g = rng.randbytes(128 << 10), rng.randbytes(128 << 10)
+    got_g2h, got_h2g = bytearray(), bytearray()
+
+    async def read_reader() -> None:
+        while True:
+            data = await reader.receive_some(1 << 16)
+            assert data, "the console reader's connection ended"
+            got_g2h.extend(data)
+
+    async def read_guest() -> None:
+        while True:
+            got_h2g.extend(await port.read(timeout=None))
+
+    async with trio.open_nursery() as io:
+        io.start_soon(read_reader)
+        io.start_soon(read_guest)
+        io.start_soon(port.write_all, g2h)
+        io.start_soon(reader.send_all, h2g)
+        await trio.sleep(0.05 + 0.05 * phase)  # mid-transfer
+        if action == "kill":
+            service.manager.kill()
+        else:
+            assert service.manager.terminate() == 0
+        await trio.to_thread.run_sync(service.start)
+        with trio.fail_after(60):
+            while min(len(got_g2h), len(got_h2g)) < len(g2h):
+                await trio.sleep(0.02)
+        await trio.sleep(0.3)  # a repeated stretch arrives after its first copy
+        io.cancel_scope.cancel()
+    allowed = 1 if action == "kill" else 0
+    for what, got, sent in [("g2h", got_g2h, g2h), ("h2g", got_h2g, h2g)]:
+        repeats = _repeats_within(bytes(got), sent, PEER_REPEAT)
+        assert repeats <= allowed, f"{action} #{phase}: {what} repeated {repeats}"
+    seen.extend(got_g2h)

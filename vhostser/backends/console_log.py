@@ -22,23 +22,32 @@ peer (H=1) from the start: the log is always there. A socket path that cannot be
 (taken by another file...) is retried with backoff (0.1 s doubling to 5 s), counted in
 `listen_failures` and logged once per streak. A reader that shuts down its sending side
 stays a reader (and gives up being the writer).
+
+Continuity: the readers' socket, each reader's socket and queue and the scrollback are in
+the port's custody (under a service manager: its fd store), so readers stay attached across
+a restart and the writer stays the writer; what a reader types is peeked and consumed only
+once staged for the guest. The log file is reopened by path.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
 import trio
 
-from ..console.port import Counters, Custody
+from ..console.port import Counters
+from ..console.staging import Staging
 from ..options import Options
 from ..sockets import PeerPolicy, accept_connection, refuses
 from .file import FileSink
 from .options import ANYONE, ConfigurableBackend
-from .peers import READ_CHUNK, Peer, listen_retrying
+from .peers import READ_CHUNK, Peer, deliver, listen_retrying
 from .unix import SOCKET_KEYS, UnixEndpoint
 
 log = logging.getLogger("vhostser.backends")
@@ -82,7 +91,8 @@ class ConsoleBackend(ConfigurableBackend):
         self.scrollback_limit = scrollback
         self.reader_queue = reader_queue
         self.max_readers = max_readers
-        self.scrollback = bytearray()
+        # The port's custody holds it once run() starts (then it outlives the process).
+        self.scrollback = Staging.in_memory(max(scrollback, 1))
         self.readers: list[Peer] = []
         self.writer: Peer | None = None
         self.counters = ConsoleCounters()
@@ -116,6 +126,10 @@ class ConsoleBackend(ConfigurableBackend):
                 "readers": sum(r.live for r in self.readers),
                 "scrollback": len(self.scrollback)}
 
+    def continuity(self) -> dict[str, Any]:
+        return {"serial": self._serial, "counters": self.counters.as_dict(),
+                "writer": self.writer.serial if self.writer is not None else None}
+
     # ------------------------------------------------------------------ guest output
 
     def guest_data(self, data: bytes) -> bool:
@@ -123,10 +137,11 @@ class ConsoleBackend(ConfigurableBackend):
         if self.sink is not None:
             self.sink.write(data)
         if self.scrollback_limit:
-            self.scrollback += data
-            excess = len(self.scrollback) - self.scrollback_limit
+            tail = memoryview(data)[-self.scrollback_limit:]
+            excess = len(tail) - self.scrollback.room
             if excess > 0:
-                del self.scrollback[:excess]
+                self.scrollback.consume(excess)
+            self.scrollback.append(tail)
         for reader in self.readers:
             if not reader.live:
                 continue
@@ -150,26 +165,73 @@ class ConsoleBackend(ConfigurableBackend):
     # ------------------------------------------------------------------ tasks
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        custody = self.port.custody
+        try:
+            self.counters = ConsoleCounters(**custody.saved.get("counters", {}))
+            self._serial = int(custody.saved.get("serial", 0))
+        except (TypeError, ValueError) as e:
+            log.error("%s: the predecessor's counters are unusable (%s): starting at 0",
+                      self._label(), e)
         if self.sink is not None:
             self.sink.label = self._label()
             self.sink.open()
+        if self.scrollback_limit:
+            self.scrollback = custody.fifo("scrollback", self.scrollback_limit)
         self.port.host_attach()
         try:
             if self.endpoint is None:
                 task_status.started(None)
                 await trio.sleep_forever()
-            listener = await listen_retrying(self.endpoint, self._label(), self._listen_failed)
+            kept = custody.take("listen")
+            if kept is not None:
+                listener = trio.socket.socket(fileno=kept)
+                self.endpoint.adopted(listener)
+            else:
+                listener = await listen_retrying(self.endpoint, self._label(),
+                                                 self._listen_failed)
+                custody.keep("listen", listener.fileno())
             try:
                 with listener:
                     log.info("%s: console readers on %s", self._label(), self.endpoint.path)
                     task_status.started(self.endpoint.path)
                     async with trio.open_nursery() as nursery:
+                        for reader in self._adopt():
+                            nursery.start_soon(self._run_reader, reader)
                         await self._accept(listener, nursery, self.endpoint.policy)
             finally:
-                self.endpoint.cleanup()
+                custody.release("listen")
+                if not custody.handing_over:
+                    self.endpoint.cleanup()
         finally:
             if self.sink is not None:
                 self.sink.close()
+            if not custody.handing_over:
+                custody.release("scrollback")
+            self.scrollback.close()
+
+    def _adopt(self) -> list[Peer]:
+        """The readers a predecessor kept, with what was queued for them; the writer stays
+        the writer."""
+        custody = self.port.custody
+        for name in custody.kept("peer."):
+            fd = custody.take(name)
+            serial = name.removeprefix("peer.")
+            if fd is None or not serial.isdigit():
+                continue
+            reader = Peer(trio.socket.socket(fileno=fd), int(serial), f"#{serial}",
+                          self.reader_queue, custody, framed=False)
+            self._serial = max(self._serial, reader.serial)
+            self.readers.append(reader)
+            if custody.saved.get("writer") == reader.serial:
+                self.writer = reader
+            log.info("%s: console reader %s taken back from the predecessor (%d bytes "
+                     "queued for it)", self._label(), reader.label, len(reader.out))
+        for name in custody.kept("peerq."):  # queues whose socket did not make it
+            fd = custody.take(name)
+            custody.release(name)
+            if fd is not None:
+                os.close(fd)
+        return list(self.readers)
 
     def _listen_failed(self) -> None:
         self.counters.listen_failures += 1
@@ -190,12 +252,13 @@ class ConsoleBackend(ConfigurableBackend):
                 sock.close()
                 continue
             self._serial += 1
-            # Readers are not kept across a restart (they reconnect, scrollback and all).
-            reader = Peer(sock, self._serial, f"#{self._serial}", self.reader_queue, Custody(),
-                          framed=False)
-            if self.scrollback:
-                reader.push(self.scrollback)
+            reader = Peer(sock, self._serial, f"#{self._serial}", self.reader_queue,
+                          self.port.custody, framed=False)
+            self.port.custody.keep(reader.name, sock.fileno())
+            if len(self.scrollback):
+                reader.push(self.scrollback.data())
             self.readers.append(reader)
+            self.port.custody.changed()
             self.counters.readers_accepted += 1
             log.info("%s: console reader %s attached (%d bytes of scrollback)",
                      self._label(), reader.label, len(self.scrollback))
@@ -215,6 +278,8 @@ class ConsoleBackend(ConfigurableBackend):
             reader.close()
             self.readers.remove(reader)
             self._release(reader)
+            if trio.current_effective_deadline() != -math.inf:  # not the backend stopping
+                self.port.custody.changed()
             log.info("%s: console reader %s detached%s", self._label(), reader.label,
                      f" ({reader.dropped})" if reader.dropped else "")
 
@@ -233,7 +298,8 @@ class ConsoleBackend(ConfigurableBackend):
 
     async def _read_side(self, reader: Peer) -> None:
         while True:
-            data = await reader.stream.receive_some(READ_CHUNK)
+            # Peeked, consumed once staged (as a unix port's peers): a restart loses none.
+            data = await reader.peek(READ_CHUNK)
             if not data:
                 # Half-closed: it reads on, but writes no more.
                 self._release(reader)
@@ -243,7 +309,12 @@ class ConsoleBackend(ConfigurableBackend):
                 self.counters.writers += 1
                 log.info("%s: console reader %s is the writer", self._label(), reader.label)
             if self.writer is not reader:
+                reader.consume(len(data))
                 self.counters.input_dropped += len(data)
                 continue
-            self.counters.bytes_to_guest += len(data)
-            await self.port.send_all(data, self.port.session)
+            await deliver(self.port, data, self.port.session,
+                          functools.partial(self._took, reader))
+
+    def _took(self, reader: Peer, n: int) -> None:
+        reader.consume(n)
+        self.counters.bytes_to_guest += n

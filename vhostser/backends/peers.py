@@ -76,7 +76,7 @@ from typing import Any, Literal, Protocol, Self, cast
 import trio
 
 from ..console.core import MAX_TX_CHAIN_BYTES
-from ..console.port import Counters, Custody, Session
+from ..console.port import Counters, Custody, Port, Session
 from ..console.session import Reason, State
 from ..console.staging import Staging
 from ..options import Options
@@ -357,6 +357,19 @@ class Peer:
 
 
 _CONN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def deliver(port: Port, data: bytes | memoryview, session: Session | None,
+                  on_sent: Callable[[int], None]) -> None:
+    """`port.send_all(data, session)`, calling `on_sent(n)` for each piece the port took
+    with no checkpoint in between (see `Peer.consume`)."""
+    view = memoryview(data)
+    while view:
+        n = port.send(view, session)
+        on_sent(n)
+        view = view[n:]
+        if view:
+            await port.wait_writable()
 
 
 class PeerBackend(ConfigurableBackend):
@@ -875,19 +888,7 @@ class PeerBackend(ConfigurableBackend):
             # Only ever into the session the bytes were read in (the port drops the rest of
             # them, counted stale, if that session ends while we wait for room).
             session = peer.session if session_mode else self.port.session
-            await self._deliver(data, session, lambda n: self._took(peer, n))
-
-    async def _deliver(self, data: bytes | memoryview, session: Session | None,
-                       on_sent: Callable[[int], None]) -> None:
-        """`port.send_all(data, session)`, calling `on_sent(n)` for each piece the port took
-        with no checkpoint in between (see `Peer.consume`)."""
-        view = memoryview(data)
-        while view:
-            n = self.port.send(view, session)
-            on_sent(n)
-            view = view[n:]
-            if view:
-                await self.port.wait_writable()
+            await deliver(self.port, data, session, lambda n: self._took(peer, n))
 
     def _took(self, peer: Peer, n: int) -> None:
         peer.consume(n)
@@ -946,7 +947,7 @@ class PeerBackend(ConfigurableBackend):
                     peer.partial = (start, peer.partial[1] + n if peer.partial else n)
 
                 try:
-                    await self._deliver(memoryview(frame.data)[done:], current, sent)
+                    await deliver(self.port, memoryview(frame.data)[done:], current, sent)
                 except BaseException:
                     if not self.port.custody.handing_over and peer.partial is not None:
                         left = len(frame.data) - peer.partial[1]

@@ -30,9 +30,10 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .console.staging import HEADER_SIZE, Staging
+from .console.state import CELLS_SIZE
 
 MAGIC = b"VHSRSTAT"
 LAYOUT = 1
@@ -43,6 +44,7 @@ SLOT = struct.Struct("<QII")
 _REQUEST_AT = HEADER.size
 _SLOTS_AT = _REQUEST_AT + REQUEST.size + REQUEST_MAX
 INITIAL_CAPACITY = 64 * 1024
+_T = TypeVar("_T")
 
 
 class RegionError(ValueError):
@@ -199,15 +201,7 @@ class SharedStaging(Staging):
     @classmethod
     def create(cls, capacity: int, keep: Callable[[int], None],
                release: Callable[[], None]) -> SharedStaging:
-        fd = os.memfd_create("vhostser-staging", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, HEADER_SIZE + capacity)
-            staging = cls(fd, release)
-        except BaseException:
-            os.close(fd)
-            raise
-        keep(fd)
-        return staging
+        return _created(cls, "vhostser-staging", HEADER_SIZE + capacity, keep, release)
 
     def close(self) -> None:
         self._release()
@@ -216,3 +210,40 @@ class SharedStaging(Staging):
         self._view.release()
         self._map.close()
         os.close(self.fd)
+
+
+class SharedCells:
+    """A port's ledger counters (`console.state.CELLS`) in a memfd of their own, kept in the
+    fd store: every count is a store into this mapping, so a successor finds it exact."""
+
+    def __init__(self, fd: int, release: Callable[[], None]) -> None:
+        if os.fstat(fd).st_size != CELLS_SIZE:
+            raise ValueError(f"{os.fstat(fd).st_size} bytes, not {CELLS_SIZE}")
+        self.fd = fd
+        self._release = release
+        self._map = mmap.mmap(fd, CELLS_SIZE, mmap.MAP_SHARED)
+        self.cells = memoryview(self._map).cast("q")
+
+    @classmethod
+    def create(cls, keep: Callable[[int], None], release: Callable[[], None]) -> SharedCells:
+        return _created(cls, "vhostser-counters", CELLS_SIZE, keep, release)
+
+    def close(self) -> None:
+        self._release()
+        self.cells.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+def _created(cls: Callable[[int, Callable[[], None]], _T], name: str, size: int,
+             keep: Callable[[int], None], release: Callable[[], None]) -> _T:
+    """`cls(fd, release)` on a new memfd of `size` bytes, handed to `keep` once mapped."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        made = cls(fd, release)
+    except BaseException:
+        os.close(fd)
+        raise
+    keep(fd)
+    return made

@@ -24,7 +24,7 @@ from .console import ConsoleDevice, DeviceState, Port, PortBackend, PortConfig, 
 from .console.port import Custody
 from .console.session import Input, State
 from .console.staging import Staging
-from .continuity import RequestKind, SharedStaging, StateRegion
+from .continuity import RequestKind, SharedCells, SharedStaging, StateRegion
 from .custody import FdStore
 from .sockets import ListenerCounters, PeerPolicy, accept_connection
 from .vhost_user import Header, VhostUserBackend, send_backend_request, serve_connection
@@ -185,10 +185,12 @@ class Daemon:
         )
         self.device.core.checkpoint = self.checkpoint
         self.device.core.new_staging = self._new_staging
+        self.device.core.share_counters = self._share_counters
         # What the predecessor's backends kept (port<id>.* but the staging buffers), until
         # each is taken back; and each port's saved continuity.
         self._inherited = {n for n in self.store.names()
-                           if n.startswith("port") and not n.endswith(".staging")}
+                           if n.startswith("port")
+                           and not n.endswith((".staging", ".counters"))}
         saved = resume.get("backends", {}) if resume is not None else {}
         self.device.custody_for = lambda pid: PortCustody(
             self, pid, saved.get(str(pid), {}) if isinstance(saved, dict) else {},
@@ -240,6 +242,28 @@ class Daemon:
                                     keep=lambda fd: self._custody(name, fd),
                                     release=lambda: self._custody(name, None))
 
+    def _share_counters(self, port: PortState, *, resumed: bool = False) -> None:
+        """The port's ledger counters into a memfd in the store; resumed, into the one the
+        predecessor counted in after its last snapshot, if it left one."""
+        if not self.store.enabled:
+            return
+        name = f"port{port.config.id}.counters"
+        fd = self.store.fd(name) if resumed else None
+        if fd is not None:
+            try:
+                cells = SharedCells(fd, release=lambda: self._custody(name, None))
+            except (OSError, ValueError) as e:
+                log.error("port %d: the stored counters are unusable (%s): using the "
+                          "snapshot's", port.config.id, e)
+                self._custody(name, None)
+                os.close(fd)
+            else:
+                port.counters.share(cells.cells, cells, newer=True)
+                return
+        cells = SharedCells.create(keep=lambda fd: self._custody(name, fd),
+                                   release=lambda: self._custody(name, None))
+        port.counters.share(cells.cells, cells, newer=False)
+
     def _resumed_staging(self, port: PortState) -> None:
         """The staging buffer the predecessor shared is newer than its last snapshot."""
         name = f"port{port.config.id}.staging"
@@ -264,6 +288,7 @@ class Daemon:
         wanted = {s.config.id: s for s in self.cfg.ports}
         for pid in sorted(resumed):
             self._resumed_staging(resumed[pid])
+            self._share_counters(resumed[pid], resumed=True)
             spec = wanted.get(pid)
             if spec is not None and spec.config == resumed[pid].config:
                 make = self._maker(spec)
@@ -411,6 +436,7 @@ class Daemon:
     def hand_over(self) -> None:
         """A planned restart: the state as it is now is final; everything stays in the store
         (no session closes, nothing is said to the guest or to the peers)."""
+        self.device.core.freeze()
         self.checkpoint()
         self.handing_over = True
         self.store.enabled = False

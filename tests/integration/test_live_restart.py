@@ -129,7 +129,8 @@ async def test_the_guest_notices_no_restart(service: Service) -> None:
             # What the store holds is exactly what the live daemon uses: no fd leaked
             # across six restarts.
             assert service.manager.names() == sorted(
-                ["state", "vu.conn", "vu.req", "vu.mem.0", "port1.staging"]
+                ["state", "vu.conn", "vu.req", "vu.mem.0", "port1.staging",
+                 "port1.counters"]
                 + [f"vu.{kind}.{i}" for kind in ("kick", "call", "err") for i in range(6)])
             nursery.cancel_scope.cancel()
         # The guest saw no control message since it opened the port: no re-probe, no
@@ -309,6 +310,14 @@ async def _run_script(service: Service, script: list[tuple[str, int]]) -> None:
     assert _repeats_within(bytes(received), bytes(sent), MAX_WRITE) <= kills
     sessions = service.ctl("sessions")
     assert isinstance(sessions, list) and [s["session"] for s in sessions] == [1]
+    # The ledger is exact across kills too: its counts are stores into a memfd in the store.
+    stats = service.ctl("stats")
+    assert isinstance(stats, dict)
+    ledger = stats["ports"]["1"]["ledger"]
+    for direction in ("to_guest", "from_guest"):
+        entry = ledger[direction]
+        assert entry["balanced"] and entry["pending"] == 0 and not entry["dropped"], ledger
+        assert len(sent) <= entry["accepted"] <= len(sent) + kills * MAX_WRITE, ledger
 
 
 def _repeats_within(received: bytes, sent: bytes, chain: int) -> int:
@@ -449,8 +458,8 @@ async def _peers_across_restarts(service: Service) -> None:
             status = await trio.to_thread.run_sync(service.ctl, "status")
             nursery.cancel_scope.cancel()
     expected = {"port1.listen", "port1.peer.1", "port1.peerq.1", "port1.staging",
-                "port2.listen", "port2.peer.1", "port2.peerq.1", "port2.peerin.1",
-                "port2.staging"}
+                "port1.counters", "port2.listen", "port2.peer.1", "port2.peerq.1",
+                "port2.peerin.1", "port2.staging", "port2.counters"}
     assert expected <= set(names), names
     assert not {n for n in names if n.startswith("port")} - expected, names
     assert isinstance(status, dict) and status["fd_store"] == len(names)
@@ -514,7 +523,8 @@ async def test_a_pty_is_the_same_across_restarts() -> None:
                 nursery.cancel_scope.cancel()
         assert service.stderr().count("taken back from the predecessor") == 4
     assert {n for n in names if n.startswith("port")} == {
-        "port1.pty", "port1.pty.slave", "port1.ptyq", "port1.ptyin", "port1.staging"}, names
+        "port1.pty", "port1.pty.slave", "port1.ptyq", "port1.ptyin", "port1.staging",
+        "port1.counters"}, names
 
 
 async def _pty_across_restarts(service: Service, port: Any, fd: int, path: str) -> None:

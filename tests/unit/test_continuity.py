@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vhostser.console.state import PortCounters
 from vhostser.continuity import (
     _SLOTS_AT,
     SLOT,
     RegionError,
     RequestKind,
+    SharedCells,
     StateRegion,
 )
 
@@ -107,3 +110,31 @@ def test_request_slot() -> None:
 
 def test_slots_start_after_the_request_slot() -> None:
     assert _SLOTS_AT == 16 + 16 + 4096 + 12
+
+
+def test_ledger_counts_are_stores_into_a_shared_mapping() -> None:
+    """What a port counts after its last snapshot is in the memfd a successor maps: the
+    bytes and drop totals exact, reasons the snapshot missed shown as `unrecorded`."""
+    kept: list[int] = []
+    cells = SharedCells.create(keep=kept.append, release=lambda: None)
+    counters = PortCounters()
+    counters.bytes_from_host = 7  # before it is shared: carried over
+    counters.share(cells.cells, cells, newer=False)
+    snapshot = counters.as_dict()
+    counters.bytes_to_guest += 5
+    counters.drop("to_guest", "stale", 2)
+    # The successor: the snapshot as it was, the predecessor's memfd as it is now.
+    successor = PortCounters(**{k: Counter(v) if isinstance(v, dict) else v
+                                for k, v in snapshot.items()})
+    again = SharedCells(os.dup(kept[0]), release=lambda: None)
+    successor.share(again.cells, again, newer=True)
+    assert (successor.bytes_from_host, successor.bytes_to_guest) == (7, 5)
+    assert successor.dropped("to_guest") == {"unrecorded": 2}
+    successor.drop("to_guest", "stale", 1)
+    assert successor.dropped("to_guest") == {"stale": 1, "unrecorded": 2}
+    assert counters.bytes_to_guest == 5 and counters.dropped_to_guest_total == 3  # shared
+    counters.close()
+    successor.close()
+    assert counters.bytes_to_guest == 5  # a closed port keeps its last counts in memory
+    with pytest.raises(ValueError):
+        SharedCells(os.memfd_create("short"), release=lambda: None)

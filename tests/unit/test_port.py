@@ -93,6 +93,7 @@ def test_counters_as_dict() -> None:
         "bytes_to_guest", "buffers_to_guest", "bytes_from_guest", "buffers_from_guest",
         "sessions_opened", "resets_seen", "redundant_events", "backend_failures", "discarded",
         "bytes_from_host", "bytes_guest_wrote", "dropped_to_guest", "dropped_from_guest",
+        "dropped_to_guest_total", "dropped_from_guest_total",
     }
     c.drop("to_guest", "stale", 2)
     c.drop("from_guest", "no-host", 1)

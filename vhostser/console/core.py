@@ -166,6 +166,9 @@ class ConsoleCore:
         # Where a new port's staged host bytes live (the daemon: a memfd in the fd store).
         self.new_staging: Callable[[PortConfig], Staging] = (
             lambda config: Staging.in_memory(config.staging_limit))
+        # Where a new port's ledger counters live (the daemon: `PortCounters.share` them
+        # into a memfd in the fd store); in memory unless told.
+        self.share_counters: Callable[[PortState], None] = lambda port: None
         # Called once a guest control message is handled, before its buffer is completed:
         # the owner makes the state durable there (the state region).
         self.checkpoint: Callable[[], object] = lambda: None
@@ -178,6 +181,15 @@ class ConsoleCore:
         self._rings: dict[int, SplitQueue] = {}
         self._held: dict[int, tuple[Chain, bytes]] = {}
         self._broken: dict[int, str] = {}
+        # Handed over (see `freeze`): nothing moves any more.
+        self.frozen = False
+
+    def freeze(self) -> None:
+        """The state as it is now goes to a successor (a planned restart): from here no ring
+        is served, no host byte or event taken, so nothing changes behind the snapshot that
+        the successor resumes from (a task already woken would otherwise move bytes, and
+        count them, after it)."""
+        self.frozen = True
 
     @property
     def held_ports(self) -> list[int]:
@@ -226,6 +238,7 @@ class ConsoleCore:
             raise ValueError(f"a port is already named {config.name!r}")
         port = ports[config.id] = PortState(config, next_session_id=first_session_id,
                                             staging=self.new_staging(config))
+        self.share_counters(port)
         if self.state.driver_ready and self.multiport:
             self._handshake(port, HandshakeInput.DRIVER_READY)
         elif not self.multiport and config.id == 0 and tx_queue(0) in self._rings:
@@ -241,6 +254,7 @@ class ConsoleCore:
         self._handshake(port, HandshakeInput.REMOVE)
         del self.state.ports[port_id]
         port.staging.close()
+        port.counters.close()
         # Counted on the device: the port and its counters are gone.
         self._drop_held(port_id, "port-removed")
         log.info("port %d %r removed", port_id, port.config.name)
@@ -326,13 +340,17 @@ class ConsoleCore:
         """HOST_OPEN, HOST_CLOSE or HOST_END from the port's backend."""
         if event not in (Input.HOST_OPEN, Input.HOST_CLOSE, Input.HOST_END):
             raise ValueError(f"{event.value} is not a host event")
+        if self.frozen:
+            return
         self._apply(self.state.ports[port_id], event)
 
     def host_send(self, port_id: int, data: bytes | memoryview,
                   session: Session | None = None) -> int:
         """Stage host bytes for the guest; how many were taken (all of them if they are
         dropped: the guest has the port closed, or `session` — the one they were meant for —
-        is over). Never more than the staging room."""
+        is over). Never more than the staging room; nothing once frozen."""
+        if self.frozen:
+            return 0
         port = self.state.ports[port_id]
         if not port.session.in_session:
             reason = "no-session" if port.session.guest_open else "guest-closed"
@@ -444,8 +462,8 @@ class ConsoleCore:
         """Serve the started queue `index`: True if it stopped for lack of guest buffers (so
         kicks are wanted), False if the device side is blocked (a Wake output follows when it
         can go on). RingError propagates: the ring cannot be trusted any more (see
-        `ring_broken`). A broken port queue is not served."""
-        if index in self._broken:
+        `ring_broken`). A broken port queue is not served, nor any once frozen."""
+        if index in self._broken or self.frozen:
             return False
         ring = self._rings[index]
         if index == CONTROL_TX:

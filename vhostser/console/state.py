@@ -7,6 +7,12 @@ session's id, the next id), the host bytes staged for the guest and its counters
 fds, no backend objects: `to_dict`/`from_dict` turn it into JSON-able data and back, which is
 what a restarted daemon or a migration destination resumes from.
 
+A port's ledger counters (the bytes and buffers that move with every chain, and the drop
+totals) are stored in `PortCounters.cells`, eight i64s the daemon puts in a memfd of their
+own in the fd store: like the staging buffer and the rings' positions they are stores into
+a shared mapping, so a successor after a SIGKILL finds them exact, not as the last snapshot
+had them. What the snapshot missed of the drops' reasons then shows as `unrecorded`.
+
 Not here, on purpose: chains taken from the rings. A tx chain held while its port's backend
 cannot take the bytes is given back to its ring when the ring stops, so it is the ring's
 position (the vhost-user layer's state) that carries it.
@@ -17,7 +23,7 @@ from __future__ import annotations
 import base64
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, overload
 
 from .control import HEADER, ControlMessage, Event
 from .handshake import Announce
@@ -58,14 +64,42 @@ class PortConfig:
     staging_limit: int = DEFAULT_STAGING
 
 
+# The counters in `PortCounters.cells`, in this order (a stored layout: append only).
+CELLS = ("bytes_to_guest", "buffers_to_guest", "bytes_from_guest", "buffers_from_guest",
+         "bytes_from_host", "bytes_guest_wrote", "dropped_to_guest_total",
+         "dropped_from_guest_total")
+CELLS_SIZE = 8 * len(CELLS)
+
+
+class _Cell:
+    """A PortCounters count stored in its `cells` (which a shared mapping may back)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._i = CELLS.index(name)
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> int: ...
+    @overload
+    def __get__(self, obj: PortCounters, owner: type | None = None) -> int: ...
+    def __get__(self, obj: PortCounters | None, owner: type | None = None) -> int:
+        return 0 if obj is None else obj.cells[self._i]  # the default, for the dataclass
+
+    def __set__(self, obj: PortCounters, value: int) -> None:
+        obj.cells[self._i] = value
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
 @dataclass
 class PortCounters:
     """Per-port counters, readable through the API."""
 
-    bytes_to_guest: int = 0
-    buffers_to_guest: int = 0
-    bytes_from_guest: int = 0
-    buffers_from_guest: int = 0
+    bytes_to_guest: _Cell = _Cell()
+    buffers_to_guest: _Cell = _Cell()
+    bytes_from_guest: _Cell = _Cell()
+    buffers_from_guest: _Cell = _Cell()
     sessions_opened: int = 0
     resets_seen: int = 0
     redundant_events: int = 0
@@ -77,20 +111,65 @@ class PortCounters:
     # or a console's backend was down)
     discarded: Counter[str] = field(default_factory=Counter)
     # The ledger, per direction (see `ledger`): what the port took in, what it dropped.
-    bytes_from_host: int = 0  # host bytes accepted: staged, or dropped at once
-    bytes_guest_wrote: int = 0  # guest bytes of every tx chain completed
+    bytes_from_host: _Cell = _Cell()  # host bytes accepted: staged, or dropped at once
+    bytes_guest_wrote: _Cell = _Cell()  # guest bytes of every tx chain completed
     dropped_to_guest: Counter[str] = field(default_factory=Counter)
     dropped_from_guest: Counter[str] = field(default_factory=Counter)
+    dropped_to_guest_total: _Cell = _Cell()
+    dropped_from_guest_total: _Cell = _Cell()
+
+    def __post_init__(self) -> None:
+        self._backing: _Closable | None = None
+
+    @property
+    def cells(self) -> memoryview:
+        try:
+            return self.__dict__["cells"]  # type: ignore[no-any-return]
+        except KeyError:  # the dataclass's __init__ sets the first count: made then
+            self.__dict__["cells"] = view = memoryview(bytearray(CELLS_SIZE)).cast("q")
+            return view
+
+    def share(self, cells: memoryview, backing: _Closable, *, newer: bool) -> None:
+        """Keep the cells in `cells` (eight i64s of a shared mapping; `backing.close()` at
+        the end): with `newer` they hold the counts (a predecessor's, after its last
+        snapshot), else they are given these."""
+        if not newer:
+            cells[:] = self.cells
+        self.__dict__["cells"] = cells
+        self._backing = backing
+
+    def close(self) -> None:
+        """The port is gone: its cells too."""
+        self.__dict__["cells"] = memoryview(bytearray(self.cells)).cast("q")
+        if self._backing is not None:
+            self._backing.close()
+            self._backing = None
 
     def drop(self, direction: Direction, reason: str, n: int) -> None:
         """`n` bytes going `direction` dropped for `reason` (counted both ways: by reason
         as ever, and in the direction's ledger)."""
         self.discarded[reason] += n
-        (self.dropped_to_guest if direction == "to_guest" else self.dropped_from_guest)[
-            reason] += n
+        if direction == "to_guest":
+            self.dropped_to_guest[reason] += n
+            self.dropped_to_guest_total += n
+        else:
+            self.dropped_from_guest[reason] += n
+            self.dropped_from_guest_total += n
+
+    def dropped(self, direction: Direction) -> Counter[str]:
+        """What went `direction` and was dropped, by reason; bytes whose reason a SIGKILL
+        took before a snapshot recorded it (the total is exact) as `unrecorded`."""
+        by_reason, total = ((self.dropped_to_guest, self.dropped_to_guest_total)
+                            if direction == "to_guest" else
+                            (self.dropped_from_guest, self.dropped_from_guest_total))
+        out = Counter(by_reason)
+        if total > sum(by_reason.values()):
+            out["unrecorded"] += total - sum(by_reason.values())
+        return out
 
     def as_dict(self) -> dict[str, object]:
-        return {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
+        return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v
+                for f in fields(self)}
 
 
 @dataclass
@@ -124,10 +203,10 @@ class PortState:
                     "balanced": accepted == delivered + sum(dropped.values()) + pending}
 
         return {
-            "to_guest": entry(c.bytes_from_host, c.bytes_to_guest, c.dropped_to_guest,
+            "to_guest": entry(c.bytes_from_host, c.bytes_to_guest, c.dropped("to_guest"),
                               len(self.staging)),
             "from_guest": entry(c.bytes_guest_wrote, c.bytes_from_guest,
-                                c.dropped_from_guest, 0),
+                                c.dropped("from_guest"), 0),
         }
 
     @property
@@ -318,5 +397,15 @@ def _port_from_dict(doc: Any, where: str) -> PortState:
     return PortState(
         config=config, session=session, announce=announce, session_id=session_id,
         next_session_id=next_id, staging=Staging.in_memory(config.staging_limit, staged),
-        counters=_counters(PortCounters, r.get("counters", dict), f"{where} counters"),
+        counters=_port_counters(r.get("counters", dict), f"{where} counters"),
     )
+
+
+def _port_counters(doc: dict[str, Any], where: str) -> PortCounters:
+    c: PortCounters = _counters(PortCounters, doc, where)
+    # A predecessor from before the drop totals: its reasons are all there was.
+    if "dropped_to_guest_total" not in doc:
+        c.dropped_to_guest_total = sum(c.dropped_to_guest.values())
+    if "dropped_from_guest_total" not in doc:
+        c.dropped_from_guest_total = sum(c.dropped_from_guest.values())
+    return c

@@ -100,6 +100,7 @@ backend = {{ type = "echo" }}
 """
 RELOADED = '\n[[port]]\nid = 4\nname = "org.test.reload"\nbackend = { type = "null" }\n'
 GUEST_RAM = 32 << 20
+PROBE = 3000  # bytes each way on the clean port after every step
 STEP_TIMEOUT = 30.0  # any one step or check: past it, the daemon hangs
 QUIESCE_TIMEOUT = 15.0  # for every count to agree once a step is done
 ALIASED_PIECE, ALIASED_PIECES = 512 * 1024, 3  # a chain claiming 1.5 MiB of one 512 KiB
@@ -317,6 +318,7 @@ class DaemonUnderAttack(RuleBasedStateMachine):
             self.framed_up = True
             self.reload_port = False
             self.guest_open: set[int] = set()
+            self.probes = 0
             self.session = self.loop.run(self._attach)
             self._exit.callback(self._leave)
             self.loop.run(self._quiesce)
@@ -361,17 +363,16 @@ class DaemonUnderAttack(RuleBasedStateMachine):
         self.guest_open.clear()
 
     async def _find_ports(self) -> None:
-        """After a probe: the device's ports are there, the clean one opened once its host
-        is (the guest's processes open what they use)."""
+        """After a probe: the device's ports are there, and the guest's processes open them."""
         driver = self.driver
         self.guest_open.clear()
         for p in PLAN:
             port = await driver.wait_port(p.id, timeout=STEP_TIMEOUT)
             if port not in self.guest.seen[p.id]:
                 self.guest.seen[p.id].append(port)
+            await self._open(p.id)
         if self.reload_port:
             await driver.wait_port(RELOAD, timeout=STEP_TIMEOUT)
-        await self._open(CLEAN)
 
     async def _open(self, pid: int) -> None:
         port = self.driver.port(pid)
@@ -541,36 +542,30 @@ class DaemonUnderAttack(RuleBasedStateMachine):
 
     # -------------------------------------------------------------- hostile guest
 
-    @rule()
-    def aliased_tx_chain(self) -> None:
-        self.loop.run(self._aliased)
-        self.events.aliased_chains += 1
-        self.events.aliased_bytes += ALIASED_PIECE * ALIASED_PIECES
-        self.bad_chains["tx-too-long"] += 1
+    @rule(what=st.sampled_from(["aliased-tx-chain", "tx-chain-outside-ram", "bad-control"]))
+    def hostile_guest(self, what: str) -> None:
+        """On the echo port's tx ring: a chain of descriptors naming one buffer again and
+        again (claiming more than a chain may carry), or one outside guest RAM; or control
+        messages the device must ignore."""
+        self.loop.run(self._hostile_guest, what)
 
-    async def _aliased(self) -> None:
-        s = self.session
-        if s.aliased_gpa is None:
-            s.aliased_gpa = s.fe.alloc(ALIASED_PIECE)
-        add_aliased_tx_chain(s.fe, tx_queue(ECHO), s.aliased_gpa, ALIASED_PIECE, ALIASED_PIECES)
-        await trio.lowlevel.checkpoint()
-
-    @rule()
-    def tx_chain_outside_guest_ram(self) -> None:
-        self.loop.run(self._outside)
-        self.bad_chains["descriptor"] += 1
-
-    async def _outside(self) -> None:
-        fe = self.session.fe
-        fe.queue(tx_queue(ECHO)).add([(OUTSIDE_RAM, 4096)])
-        fe.kick(tx_queue(ECHO), force=True)
-        await trio.lowlevel.checkpoint()
-
-    @rule()
-    def bad_control_messages(self) -> None:
-        bad = bad_control_messages(ECHO, MAX_PORTS)
-        self.loop.run(lambda: self.driver.send_raw_control(*bad, timeout=STEP_TIMEOUT))
-        self.events.bad_control += len(bad)
+    async def _hostile_guest(self, what: str) -> None:
+        s, index = self.session, tx_queue(ECHO)
+        if what == "bad-control":
+            bad = bad_control_messages(ECHO, MAX_PORTS)
+            await self.driver.send_raw_control(*bad, timeout=STEP_TIMEOUT)
+            self.events.bad_control += len(bad)
+        elif what == "aliased-tx-chain":
+            if s.aliased_gpa is None:
+                s.aliased_gpa = s.fe.alloc(ALIASED_PIECE)
+            add_aliased_tx_chain(s.fe, index, s.aliased_gpa, ALIASED_PIECE, ALIASED_PIECES)
+            self.events.aliased_chains += 1
+            self.events.aliased_bytes += ALIASED_PIECE * ALIASED_PIECES
+            self.bad_chains["tx-too-long"] += 1
+        else:
+            s.fe.queue(index).add([(OUTSIDE_RAM, 4096)])
+            s.fe.kick(index, force=True)
+            self.bad_chains["descriptor"] += 1
 
     # -------------------------------------------------------------- the VM, the daemon
 
@@ -606,6 +601,11 @@ class DaemonUnderAttack(RuleBasedStateMachine):
     @invariant()
     def daemon_alive_responsive_and_every_byte_accounted(self) -> None:
         assert self.d.alive(), self.d.log()[-3000:]
+        if CLEAN in self.guest_open:
+            # Whatever the step did elsewhere, the clean port carries bytes both ways.
+            self.probes += 1
+            rng = random.Random(self.probes)
+            self.loop.run(self._clean_traffic, rng.randbytes(PROBE), rng.randbytes(PROBE))
         self.loop.run(self._quiesce)
         _, hwm, fds = self.d.usage()
         assert fds <= self.base_fds + FD_SLACK, (

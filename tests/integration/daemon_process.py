@@ -29,13 +29,15 @@ from vhostser.testing.process import memory_mb, open_fds
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_PORTS = 4
-CONFIG = """
+# The [vm] table of every config here (a template of {tmp} and {max_ports}); ports follow.
+VM = """
 [vm]
 name = "hostile"
 socket = "{tmp}/vu.sock"
 max_ports = {max_ports}
 admin_socket = "{tmp}/ctl.sock"
-
+"""
+CONFIG = VM + """
 [[port]]
 id = 1
 name = "org.test.one"
@@ -104,8 +106,8 @@ class DaemonProcess:
 @contextmanager
 def daemon_process(max_ports: int = MAX_PORTS,
                    config_text: str = CONFIG) -> Iterator[DaemonProcess]:
-    """A daemon on `config_text` (a TOML template of {tmp}, {max_ports} and VM "hostile"; by
-    default two echo ports, 1 and 2), up and answering its admin socket."""
+    """A daemon on `config_text` (VM and its ports; by default two echo ports, 1 and 2), up
+    and answering its admin socket."""
     tmp = Path(tempfile.mkdtemp(prefix="vhs-hostile-"))
     config = tmp / "hostile.toml"
     config.write_text(config_text.format(tmp=tmp, max_ports=max_ports))

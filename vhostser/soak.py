@@ -244,16 +244,20 @@ class HostPeer:
     async def write_until(self, stop: Callable[[], bool]) -> None:
         """Random chunks until `stop()` (looked at between chunks: a chunk is sent whole)."""
         while not stop():
-            payload = self.rng.randbytes(self.rng.randint(1, CHUNK))
-            if self.plan.kind == "framed":
-                if self.session is None:
-                    await trio.sleep(PACE)
-                    continue
-                await self._send_all(encode(Data(self.session, payload)))
-                self.h2g.send(payload)
-            else:
-                await self._send_all(payload, count=True)
+            await self.send(self.rng.randbytes(self.rng.randint(1, CHUNK)))
             await trio.sleep(PACE)
+
+    async def send(self, payload: bytes) -> bool:
+        """`payload` sent whole and counted (framed: in one DATA frame of the open session);
+        False when a framed peer has no session to send it in."""
+        if self.plan.kind != "framed":
+            await self._send_all(payload, count=True)
+            return True
+        if self.session is None:
+            return False
+        await self._send_all(encode(Data(self.session, payload)))
+        self.h2g.send(payload)
+        return True
 
     async def _send_all(self, data: bytes, *, count: bool = False) -> None:
         view = memoryview(data)
@@ -285,11 +289,11 @@ class Guest:
     """The guest's processes on the ports: what they wrote and read, over every GuestPort the
     driver ever had (each reinit or reconnect makes new ones)."""
 
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
+    def __init__(self, rng: random.Random, plan: tuple[PortPlan, ...] = PLAN) -> None:
+        self.rng, self.plan = rng, plan
         self.driver: ConsoleDriver | None = None
         self.fe: FrontEnd | None = None
-        self.seen: dict[int, list[GuestPort]] = {p.id: [] for p in PLAN}
+        self.seen: dict[int, list[GuestPort]] = {p.id: [] for p in plan}
         self._aliased_gpa: int | None = None
 
     def attach(self, fe: FrontEnd, driver: ConsoleDriver) -> None:
@@ -313,7 +317,7 @@ class Guest:
         assert driver is not None
         out = {}
         with trio.fail_after(PHASE_TIMEOUT):
-            for p in PLAN:
+            for p in self.plan:
                 port = await driver.wait_port(p.id, timeout=PHASE_TIMEOUT)
                 await driver.wait_for(partial(_usable, port), timeout=PHASE_TIMEOUT)
                 if p.kind != "console" and not port.guest_open:

@@ -25,16 +25,19 @@ import trio
 from vhostser import admin
 from vhostser.testing import FrontEnd, open_frontend
 from vhostser.testing.console_driver import ConsoleDriver, GuestPort
+from vhostser.testing.process import memory_mb, open_fds
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_PORTS = 4
-CONFIG = """
+# The [vm] table of every config here (a template of {tmp} and {max_ports}); ports follow.
+VM = """
 [vm]
 name = "hostile"
 socket = "{tmp}/vu.sock"
 max_ports = {max_ports}
 admin_socket = "{tmp}/ctl.sock"
-
+"""
+CONFIG = VM + """
 [[port]]
 id = 1
 name = "org.test.one"
@@ -83,6 +86,15 @@ class DaemonProcess:
         status = await self.ask("status")
         assert status["vm"] == "hostile" and status["pid"] == self.proc.pid
 
+    @property
+    def config(self) -> Path:
+        return self.tmp / "hostile.toml"
+
+    def usage(self) -> tuple[float, float, int]:
+        """VmRSS and VmHWM in MB, and the number of open fds, of the process now."""
+        rss, hwm = memory_mb(self.proc.pid, ("VmRSS", "VmHWM"))
+        return rss, hwm, open_fds(self.proc.pid)
+
     def vm_hwm(self) -> int:
         """The most resident memory the process ever had, in bytes (VmHWM)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -92,11 +104,13 @@ class DaemonProcess:
 
 
 @contextmanager
-def daemon_process(max_ports: int = MAX_PORTS) -> Iterator[DaemonProcess]:
-    """A daemon serving two echo ports (1 and 2), up and answering its admin socket."""
+def daemon_process(max_ports: int = MAX_PORTS,
+                   config_text: str = CONFIG) -> Iterator[DaemonProcess]:
+    """A daemon on `config_text` (VM and its ports; by default two echo ports, 1 and 2), up
+    and answering its admin socket."""
     tmp = Path(tempfile.mkdtemp(prefix="vhs-hostile-"))
     config = tmp / "hostile.toml"
-    config.write_text(CONFIG.format(tmp=tmp, max_ports=max_ports))
+    config.write_text(config_text.format(tmp=tmp, max_ports=max_ports))
     with open(tmp / "stderr", "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vhostser", "run", "--config", str(config)],

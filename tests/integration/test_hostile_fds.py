@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import trio
 
 from vhostser.testing import AckError
 from vhostser.testing.console_driver import rx_queue, tx_queue
+from vhostser.testing.hostile import FD_MAKERS
 from vhostser.vhost_user import Request
 from vhostser.vhost_user.messages import VringFile
 
@@ -26,56 +24,31 @@ from .daemon_process import DaemonProcess, daemon_process, echo_works, guest, op
 MAX_COUNT = 0xFFFF_FFFF_FFFF_FFFE  # an eventfd's largest count: one more write would block
 
 
-def _regular_file(tmp: Path) -> int:
-    return os.open(tmp / "plain", os.O_RDWR | os.O_CREAT, 0o600)
-
-
-def _dead_pipe(tmp: Path) -> int:
-    r, w = os.pipe()
-    os.close(w)
-    return r
-
-
-def _stream_socket(tmp: Path) -> int:
-    a, b = socket.socketpair()
-    b.close()
-    return a.detach()
-
-
-def _dgram_socket(tmp: Path) -> int:
-    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach()
-
-
-def _eventfd(tmp: Path) -> int:
-    return os.eventfd(0)
-
-
-WRONG: dict[str, tuple[Request, Callable[[Path], int], str]] = {
-    "kick-regular-file": (Request.SET_VRING_KICK, _regular_file, "a regular file"),
-    "kick-dead-pipe": (Request.SET_VRING_KICK, _dead_pipe, "a pipe"),
-    "kick-socket": (Request.SET_VRING_KICK, _stream_socket, "a socket (AF_UNIX, SOCK_STREAM)"),
-    "call-regular-file": (Request.SET_VRING_CALL, _regular_file, "a regular file"),
-    "call-dead-pipe": (Request.SET_VRING_CALL, _dead_pipe, "a pipe"),
-    "err-socket": (Request.SET_VRING_ERR, _stream_socket, "a socket (AF_UNIX, SOCK_STREAM)"),
-    "backend-channel-eventfd": (Request.SET_BACKEND_REQ_FD, _eventfd, "an eventfd"),
-    "backend-channel-regular-file": (Request.SET_BACKEND_REQ_FD, _regular_file,
+WRONG: dict[str, tuple[Request, str, str]] = {
+    "kick-regular-file": (Request.SET_VRING_KICK, "regular-file", "a regular file"),
+    "kick-dead-pipe": (Request.SET_VRING_KICK, "dead-pipe", "a pipe"),
+    "kick-socket": (Request.SET_VRING_KICK, "stream-socket", "a socket (AF_UNIX, SOCK_STREAM)"),
+    "call-regular-file": (Request.SET_VRING_CALL, "regular-file", "a regular file"),
+    "call-dead-pipe": (Request.SET_VRING_CALL, "dead-pipe", "a pipe"),
+    "err-socket": (Request.SET_VRING_ERR, "stream-socket", "a socket (AF_UNIX, SOCK_STREAM)"),
+    "backend-channel-eventfd": (Request.SET_BACKEND_REQ_FD, "eventfd", "an eventfd"),
+    "backend-channel-regular-file": (Request.SET_BACKEND_REQ_FD, "regular-file",
                                      "a regular file"),
-    "backend-channel-dead-pipe": (Request.SET_BACKEND_REQ_FD, _dead_pipe, "a pipe"),
-    "backend-channel-datagram": (Request.SET_BACKEND_REQ_FD, _dgram_socket,
+    "backend-channel-dead-pipe": (Request.SET_BACKEND_REQ_FD, "dead-pipe", "a pipe"),
+    "backend-channel-datagram": (Request.SET_BACKEND_REQ_FD, "dgram-socket",
                                  "a socket (AF_UNIX, SOCK_DGRAM)"),
 }
 
 
-
 @pytest.mark.parametrize("case", WRONG, ids=WRONG)
 async def test_an_fd_of_the_wrong_kind_is_refused_at_receipt(case: str) -> None:
-    request, make, what = WRONG[case]
+    request, kind, what = WRONG[case]
     index = tx_queue(1)  # a running ring: the kick watcher waits on its kick fd
     with daemon_process() as d:
         async with guest(d) as (fe, driver):
             (port,) = await open_ports(driver, "org.test.one")
             assert await echo_roundtrip(port, b"before" * 1000) == b"before" * 1000
-            fd = make(d.tmp)
+            fd = FD_MAKERS[kind](d.tmp)
             payload = b"" if request is Request.SET_BACKEND_REQ_FD else VringFile(index, False)
             try:
                 with pytest.raises(AckError):

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import struct
+from collections.abc import Callable
+from pathlib import Path
 
 from ..backends.framing import MAX_FRAME, Open, encode
 from .console_driver import ControlEvent
-from .frontend import FrontEnd
+from .frontend import FrontEnd, sealed_memfd
 
 # A framed peer's malformed frames, each with the words of the decoder's error: the backend
 # logs it and closes the connection (peers_malformed).
@@ -42,3 +46,40 @@ def add_aliased_tx_chain(fe: FrontEnd, queue: int, gpa: int, piece: int, pieces:
     head = q.add([(gpa, piece)] * pieces)
     fe.kick(queue, force=True)
     return head
+
+
+# Fds a front end can hand over with SCM_RIGHTS, of every kind, each made new in directory
+# `tmp` (a regular file lives there) and owned by the caller. Which kind a request accepts is
+# the request table's (vhost_user.messages.REQUESTS, fds.FdKind): the rest are refused.
+
+
+def _regular_file(tmp: Path) -> int:
+    return os.open(tmp / "plain", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def _dead_pipe(tmp: Path) -> int:
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
+def _stream_socket(tmp: Path) -> int:
+    """A unix stream socket whose other end is closed."""
+    a, b = socket.socketpair()
+    b.close()
+    return a.detach()
+
+
+def _dgram_socket(tmp: Path) -> int:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).detach()
+
+
+FD_MAKERS: dict[str, Callable[[Path], int]] = {
+    "eventfd": lambda tmp: os.eventfd(0),
+    "regular-file": _regular_file,
+    "dead-pipe": _dead_pipe,
+    "memfd": lambda tmp: sealed_memfd("hostile", 4096),
+    "stream-socket": _stream_socket,
+    "dgram-socket": _dgram_socket,
+    "dev-null": lambda tmp: os.open(os.devnull, os.O_RDWR),
+}

@@ -50,6 +50,7 @@ async def test_pty_is_attached_raw_and_carries_bytes(tmp_path: Path) -> None:
     async with running(backend) as path:
         assert path == backend.path and path.startswith("/dev/pts/")
         assert os.readlink(link) == path
+        assert os.stat(path).st_mode & 0o777 == 0o600  # not devpts' 0620 (group tty)
         assert guest.state is State.C  # H=1 from the start
         fd = open_slave(path)
         try:

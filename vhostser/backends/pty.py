@@ -9,7 +9,8 @@ output buffered towards the pty, default 64 KiB).
 Whether a process has the slave open cannot be told portably, so the pty counts as always
 attached (H=1 from the start). The backend holds the slave open itself (so the master never
 reports EIO or hang-up while nobody is connected) and puts it in raw mode: bytes pass
-unchanged both ways, no echo. The slave's path is logged and kept in `path`. While nobody
+unchanged both ways, no echo. The slave is made 0600 (devpts gives 0620, group tty: any
+member could type into the guest). The slave's path is logged and kept in `path`. While nobody
 reads the slave, guest output fills the tty's buffer and then `queue`, after which the
 guest's writes block (a console port drops instead: consoles never hold the guest).
 
@@ -159,6 +160,9 @@ class PtyBackend(ConfigurableBackend):
             if fd is not None:
                 os.close(fd)
         master, self._slave = os.openpty()
+        # devpts makes the slave 0620, group tty: any member could write into the guest's
+        # input (wall, write). The daemon's user only, as for its sockets.
+        os.fchmod(self._slave, 0o600)
         custody.keep("pty", master)
         custody.keep("pty.slave", self._slave)
         return master, False

@@ -95,8 +95,17 @@ def _setup_logging(level: str) -> None:
 # ---------------------------------------------------------------------------- errors
 
 
+# sysexits' EX_CONFIG: `run` with a config it cannot use. The unit does not restart on it
+# (RestartPreventExitStatus=): a crash is worth a restart, a bad config is not.
+EX_CONFIG = 78
+
+
 class Fail(Exception):
-    """A failure the user can act on: printed as one line, exit status 1."""
+    """A failure the user can act on: printed as one line, exit status 1 (or `status`)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _fail(message: str) -> NoReturn:
@@ -647,7 +656,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config) if args.config else default()
     except ConfigError as e:
-        _fail(str(e))
+        raise Fail(str(e), EX_CONFIG) from None
     passed = None
     if args.fd is not None:
         try:
@@ -790,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     print(f"{f}: ok: vm {cfg.name}, {len(cfg.ports)} ports, socket {cfg.socket}")
                     # Warnings, not errors: a log directory may appear by the time the daemon
-                    # runs (and systemd runs check before every start).
+                    # runs.
                     for spec in cfg.ports:
                         for problem in spec.make_backend().problems():
                             print(f"{f}: warning: {_label(spec)}: {problem}",
@@ -812,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Fail as e:
         prog = "vhostser ctl" if args.command == "ctl" else "vhostser"
         print(f"{prog}: {e}", file=sys.stderr)
-        return 1
+        return e.status
 
 
 def backend_main() -> int:

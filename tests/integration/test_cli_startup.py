@@ -53,9 +53,10 @@ def config(tmp: Path, name: str = "vm1", extra: str = "") -> Path:
     return path
 
 
-def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
-    """The failure of a command: status 1, one line on stderr, no traceback."""
-    assert r.returncode == 1, (r.returncode, r.stderr)
+def one_line_error(r: subprocess.CompletedProcess[str], status: int = 1) -> str:
+    """The failure of a command: `status` (78, EX_CONFIG: `run` with a bad config), one
+    line on stderr, no traceback."""
+    assert r.returncode == status, (r.returncode, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1, r.stderr
@@ -276,9 +277,9 @@ def test_socket_path_is_a_file(tmp: Path) -> None:
 def test_config_error_is_one_line(tmp: Path) -> None:
     bad = tmp / "bad.toml"
     bad.write_text('[vm]\nmax_ports = 99\n')
-    line = one_line_error(vhostser("run", "--config", str(bad)))
+    line = one_line_error(vhostser("run", "--config", str(bad)), 78)
     assert line.startswith(f"vhostser: {bad}:2: vm.max_ports: expected an integer in 1..31"), line
-    line = one_line_error(vhostser("run", "--config", str(tmp / "missing.toml")))
+    line = one_line_error(vhostser("run", "--config", str(tmp / "missing.toml")), 78)
     assert f"{tmp}/missing.toml: cannot read" in line
 
 

@@ -58,5 +58,5 @@ def test_the_units_name_what_a_default_install_gives() -> None:
     assert "UNIT_DOC=/usr/share/doc/vhostser" in text
     assert "DOC_DIR=/usr/share/doc/vhostser" in text
     assert "ExecStart=/opt/vhostser/bin/vhostser run --config /etc/vhostser/%i.toml" in service
-    assert "ExecStartPre=/opt/vhostser/bin/vhostser check /etc/vhostser/%i.toml" in service
+    assert "RestartPreventExitStatus=78" in service  # cli.EX_CONFIG
     assert "Documentation=file:///usr/share/doc/vhostser/README.md" in service

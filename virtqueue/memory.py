@@ -63,6 +63,14 @@ def _check_region(region: Region, slots: Sequence[_Slot]) -> None:
             raise GuestMemoryError(f"memory region {region} overlaps {s.region} in user space")
 
 
+def outside_memory(gpa: int, length: int) -> GuestMemoryError:
+    """The error for guest range [gpa, gpa + length) not inside one region (also the
+    pump's, whose C lookup has the same bounds)."""
+    return GuestMemoryError(
+        f"guest address range {gpa:#x}+{length:#x} is not inside one memory region"
+    )
+
+
 class GuestMemory(ABC):
     """Guest memory made of non-overlapping regions, each addressed both ways."""
 
@@ -76,6 +84,11 @@ class GuestMemory(ABC):
     def regions(self) -> tuple[Region, ...]:
         """The mapped regions, in the order they were added."""
         return tuple(s.region for s in self._slots)
+
+    def host_regions(self) -> list[tuple[int, memoryview]]:
+        """(guest-physical address, view of all its bytes) of every region, for code that
+        translates addresses itself (the pump); the views pin the mappings while held."""
+        return [(s.gpa, s.buf) for s in self._slots]
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest memory [gpa, gpa + length), which must lie in one region."""
@@ -109,9 +122,7 @@ class GuestMemory(ABC):
                 if length >= 0 and gpa + length <= s.gpa_end:
                     return s
                 break
-        raise GuestMemoryError(
-            f"guest address range {gpa:#x}+{length:#x} is not inside one memory region"
-        )
+        raise outside_memory(gpa, length)
 
     def _lookup_uva(self, uva: int, length: int) -> _Slot:
         for s in self._slots:

@@ -780,6 +780,8 @@ pump_t *pump_new(void)
         errno = err;
         goto fail;
     }
+    /* Named, so that top -H and /proc/PID/task show the data plane's own CPU time. */
+    pthread_setname_np(p->thread, "vq-pump");
     return p;
 fail:
     err = errno ? errno : ENOMEM;

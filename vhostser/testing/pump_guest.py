@@ -68,6 +68,7 @@ class GuestQueue:
         d, a, u, total = ring_layout(size)
         assert total + areas * _IND_SLOT <= _RING_SLOT
         self.mem = mem
+        self.addrs = (ring + d, ring + a, ring + u)
         self.drv = DriverQueue(mem, size, ring + d, ring + a, ring + u, event_idx=event_idx)
         self.dev = SplitQueue(mem, size, ring + d, ring + a, ring + u, event_idx=event_idx,
                               indirect=indirect)
@@ -235,6 +236,10 @@ def py_h2g(q: SplitQueue, sock: socket.socket, call: int) -> int:
             if q.enable_notifications():
                 continue
             break
+        if not chain.writable_len:
+            q.push(chain.head, 0)  # as the daemon does: nothing fits, completed empty
+            n += 1
+            continue
         buf = bytearray(chain.writable_len)
         try:
             got = sock.recv_into(buf, len(buf), socket.MSG_PEEK)
@@ -268,7 +273,8 @@ class _PyDevice(threading.Thread):
         sock = self.sock
         while True:
             self.cpu = time.thread_time()
-            r, _, _ = select.select([self.g2h.kick, self.h2g.kick, sock, self.stop_r], [], [])
+            r, _, _ = select.select(
+                [self.g2h.kick, self.h2g.kick, sock.fileno(), self.stop_r], [], [])
             if self.stop_r in r:
                 return
             for fd in (self.g2h.kick, self.h2g.kick):
@@ -277,7 +283,7 @@ class _PyDevice(threading.Thread):
             sock.setblocking(True)
             py_g2h(self.g2h.dev, sock, self.g2h.call)
             sock.setblocking(False)
-            if py_h2g(self.h2g.dev, sock, self.h2g.call) == 0 and sock in r:
+            if py_h2g(self.h2g.dev, sock, self.h2g.call) == 0 and sock.fileno() in r:
                 # Readable, but no rx buffer: wait for a kick, not the socket.
                 select.select([self.h2g.kick, self.stop_r], [], [], 0.001)
 

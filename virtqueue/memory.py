@@ -63,14 +63,6 @@ def _check_region(region: Region, slots: Sequence[_Slot]) -> None:
             raise GuestMemoryError(f"memory region {region} overlaps {s.region} in user space")
 
 
-def outside_memory(gpa: int, length: int) -> GuestMemoryError:
-    """The error for guest range [gpa, gpa + length) not inside one region (also the
-    pump's, whose C lookup has the same bounds)."""
-    return GuestMemoryError(
-        f"guest address range {gpa:#x}+{length:#x} is not inside one memory region"
-    )
-
-
 class GuestMemory(ABC):
     """Guest memory made of non-overlapping regions, each addressed both ways."""
 
@@ -122,7 +114,7 @@ class GuestMemory(ABC):
                 if length >= 0 and gpa + length <= s.gpa_end:
                     return s
                 break
-        raise outside_memory(gpa, length)
+        raise GuestMemoryError.outside(gpa, length)
 
     def _lookup_uva(self, uva: int, length: int) -> _Slot:
         for s in self._slots:

@@ -53,11 +53,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from virtqueue._native._common import chain_error, indirect_outside
+from virtqueue._native._common import chain_error
 from virtqueue._native._ring import ffi, lib
-from virtqueue.errors import ChainError, RingError, VirtqueueError
-from virtqueue.memory import outside_memory
-from virtqueue.split import SplitQueue, avail_ahead, buffer_outside, head_out_of_range
+from virtqueue.errors import ChainError, GuestMemoryError, RingError, VirtqueueError
+from virtqueue.split import SplitQueue
 
 __all__ = ["MAX_LANES", "Counters", "LaneState", "LaneStop", "Pump"]
 
@@ -135,18 +134,18 @@ def _stop_of(st: Any, size: int) -> LaneStop | None:
         name = errno_mod.errorcode.get(st.stop_errno, str(st.stop_errno))
         return LaneStop("errno", f"{name}: {error.strerror}", error, None)
     if kind == lib.PUMP_STOP_AVAIL:
-        error = RingError(avail_ahead(st.stop_value, size))
+        error = RingError.avail_ahead(st.stop_value, size)
     elif kind == lib.PUMP_STOP_HEAD:
-        error = RingError(head_out_of_range(st.stop_index, st.stop_value, size))
+        error = RingError.head_out_of_range(st.stop_index, st.stop_value, size)
     if isinstance(error, RingError):
         return LaneStop("ring", str(error), error, None)
     if kind == lib.PUMP_STOP_CHAIN:
         error = chain_error(head, st.stop_code, st.stop_index, st.stop_value, st.stop_n,
                             bool(st.stop_indirect))
     elif kind == lib.PUMP_STOP_MEMORY:
-        outside = outside_memory(st.stop_addr, st.stop_len)
-        error = (indirect_outside(head, st.stop_index, outside) if st.stop_indirect
-                 else buffer_outside(head, outside))
+        outside = GuestMemoryError.outside(st.stop_addr, st.stop_len)
+        error = (ChainError.indirect_outside(head, st.stop_index, outside) if st.stop_indirect
+                 else ChainError.buffer_outside(head, outside))
     if isinstance(error, ChainError):
         return LaneStop("chain", str(error), error, head)
     if kind == lib.PUMP_STOP_WRITABLE:

@@ -35,21 +35,6 @@ __all__ = [
 ]
 
 
-def avail_ahead(pending: int, size: int) -> str:
-    """Why a ring whose avail idx is `pending` chains ahead of the device is broken."""
-    return f"avail idx is {pending} ahead of the device, more than the queue size {size}"
-
-
-def head_out_of_range(slot: int, head: int, size: int) -> str:
-    """Why a ring whose avail entry `slot` holds an out-of-range head is broken."""
-    return f"avail ring entry {slot} holds head {head}, queue size {size}"
-
-
-def buffer_outside(head: int, e: GuestMemoryError) -> ChainError:
-    """The ChainError for a buffer of chain `head` outside guest memory."""
-    return ChainError(head, f"buffer outside guest memory: {e}")
-
-
 class Lent(NamedTuple):
     """What SplitQueue.lend() hands an engine that drives the ring in its place."""
 
@@ -183,7 +168,7 @@ class SplitQueue:
             raise RingError(self._broken)
         pending = (self._rings.avail[IDX] - self.next_avail) & 0xFFFF
         if pending > self.size:
-            raise self._break(avail_ahead(pending, self.size))
+            raise self._break(str(RingError.avail_ahead(pending, self.size)))
         return pending
 
     def pop(self) -> Chain | None:
@@ -198,7 +183,7 @@ class SplitQueue:
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self._last_popped = head
         if head >= self.size:
-            raise self._break(head_out_of_range(slot, head, self.size))
+            raise self._break(str(RingError.head_out_of_range(slot, head, self.size)))
         view = self._mem.view
         segments = walk_chain(self._rings.desc, head, view, indirect=self._indirect)
         readable: list[memoryview] = []
@@ -207,7 +192,7 @@ class SplitQueue:
             for addr, length, flags in segments:
                 (writable if flags & VIRTQ_DESC_F_WRITE else readable).append(view(addr, length))
         except GuestMemoryError as e:
-            raise buffer_outside(head, e) from e
+            raise ChainError.buffer_outside(head, e) from e
         return Chain(head, readable, writable)
 
     def give_back(self, chain: Chain) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from vhostser.testing.frontend import sealed_memfd
-from virtqueue import DriverQueue, MappedMemory, Region, SplitQueue, ring_layout
+from virtqueue import Chain, DriverQueue, MappedMemory, Region, SplitQueue, ring_layout
 from virtqueue.pump import Pump
 
 RINGS = 0x0  # region 0: rings and indirect tables
@@ -207,9 +207,9 @@ def _fit(lens: list[int], total: int) -> list[int]:
 
 # ---------------------------------------------------------------- the pure-Python device path
 
-def py_g2h(q: SplitQueue, sock: socket.socket, call: int, offset: int = 0) -> int:
-    """Serve tx `q` to blocking `sock` until the ring is empty; the first chain skips `offset`
-    bytes (a pump lane's LaneState.offset). Chains served."""
+def _serve(q: SplitQueue, call: int, one: Callable[[Chain], bool]) -> int:
+    """Pop chains of `q` for `one` until the ring is empty or `one` says stop (having given
+    the chain back); then the call the driver asked for. Chains served."""
     n = 0
     while True:
         chain = q.pop()
@@ -217,29 +217,35 @@ def py_g2h(q: SplitQueue, sock: socket.socket, call: int, offset: int = 0) -> in
             if q.enable_notifications():
                 continue
             break
-        sock.sendall(chain.read()[offset:])
-        offset = 0
-        q.push(chain.head, 0)
+        if not one(chain):
+            break
         n += 1
     if q.should_notify():
         os.eventfd_write(call, 1)
     return n
 
 
+def py_g2h(q: SplitQueue, sock: socket.socket, call: int, offset: int = 0) -> int:
+    """Serve tx `q` to blocking `sock` until the ring is empty; the first chain skips `offset`
+    bytes (a pump lane's LaneState.offset). Chains served."""
+    skip = [offset]
+
+    def send(chain: Chain) -> bool:
+        sock.sendall(chain.read()[skip.pop() if skip else 0:])
+        q.push(chain.head, 0)
+        return True
+
+    return _serve(q, call, send)
+
+
 def py_h2g(q: SplitQueue, sock: socket.socket, call: int) -> int:
     """Fill rx chains of `q` from non-blocking `sock` while both have some: peek, publish,
     consume, as the pump does. Chains served."""
-    n = 0
-    while True:
-        chain = q.pop()
-        if chain is None:
-            if q.enable_notifications():
-                continue
-            break
+
+    def fill(chain: Chain) -> bool:
         if not chain.writable_len:
             q.push(chain.head, 0)  # as the daemon does: nothing fits, completed empty
-            n += 1
-            continue
+            return True
         buf = bytearray(chain.writable_len)
         try:
             got = sock.recv_into(buf, len(buf), socket.MSG_PEEK)
@@ -247,14 +253,13 @@ def py_h2g(q: SplitQueue, sock: socket.socket, call: int) -> int:
             got = 0
         if not got:
             q.give_back(chain)
-            break
+            return False
         chain.write(memoryview(buf)[:got])
         q.push(chain.head, got)
         sock.recv(got)
-        n += 1
-    if q.should_notify():
-        os.eventfd_write(call, 1)
-    return n
+        return True
+
+    return _serve(q, call, fill)
 
 
 # ---------------------------------------------------------------- measurement

@@ -83,7 +83,7 @@ def walk_chain(
         try:
             table = view(s.addr, s.value)
         except GuestMemoryError as e:
-            raise indirect_outside(head, s.at, e) from e
+            raise ChainError.indirect_outside(head, s.at, e) from e
         first = s.segments
         s = step(table, 0, OPT_IN_INDIRECT, s.total, s.seen_write)
         if s.code == DONE:
@@ -92,11 +92,6 @@ def walk_chain(
     if s.code == DONE:
         return s.segments
     raise chain_error(head, s.code, s.at, s.value, len(table) // 16, bool(where))
-
-
-def indirect_outside(head: int, index: int, e: GuestMemoryError) -> ChainError:
-    """The ChainError for an indirect table (of descriptor `index`) outside guest memory."""
-    return ChainError(head, f"indirect table of descriptor {index}: {e}")
 
 
 def chain_error(head: int, code: int, index: int, value: int, n: int, indirect: bool) -> ChainError:

@@ -42,4 +42,7 @@ if __name__ == "__main__":
     # paths; then in place, under the name an install gives the module.
     with tempfile.TemporaryDirectory() as tmp:
         built = _builder(_ABS).compile(tmpdir=tmp, target="_ring.abi3.so", verbose=True)
-        shutil.copy(built, os.path.join(_ABS, "_ring.abi3.so"))
+        dest = os.path.join(_ABS, "_ring.abi3.so")
+        # Renamed into place: a process that has the old module loaded keeps its own copy.
+        shutil.copy(built, dest + ".new")
+        os.replace(dest + ".new", dest)

@@ -428,6 +428,24 @@ static int send_chain(struct pump *p, struct lane *l)
     return 1;
 }
 
+/* The next chain, kicks asked for again when the ring is empty (disable, drain, enable,
+   check again): 1 a chain is held, 0 the ring is empty, -1 the lane stopped. */
+static int next_chain(struct pump *p, struct lane *l)
+{
+    for (;;) {
+        int r = pop(p, l);
+        if (r != 0)
+            return r;
+        r = enable(p, l);
+        if (r <= 0) {
+            if (r == 0)
+                want_sock(p, l, 0); /* nothing to move: the socket does not matter */
+            return r;
+        }
+        disable(l);
+    }
+}
+
 static void run_g2h(struct pump *p, struct lane *l)
 {
     int budget = BUDGET, r;
@@ -448,25 +466,13 @@ static void run_g2h(struct pump *p, struct lane *l)
             make_ready(p, l);
             break;
         }
-        r = pop(p, l);
-        if (r < 0)
+        if (next_chain(p, l) <= 0)
             break;
-        if (r > 0) {
-            if (l->skip) {
-                /* Resuming a chain that an earlier lane (or Python) partly wrote. */
-                advance(l, l->skip < l->chain_len ? l->skip : l->chain_len);
-                l->skip = 0;
-            }
-            continue;
+        if (l->skip) {
+            /* Resuming a chain that an earlier lane (or Python) partly wrote. */
+            advance(l, l->skip < l->chain_len ? l->skip : l->chain_len);
+            l->skip = 0;
         }
-        r = enable(p, l);
-        if (r < 0)
-            break;
-        if (r == 0) {
-            want_sock(p, l, 0);
-            break;
-        }
-        disable(l);
     }
     if (l->st.stop_kind != PUMP_STOP_CALL_FULL)
         notify(p, l);
@@ -493,7 +499,7 @@ static int consume(struct pump *p, struct lane *l, uint64_t n)
 
 static void run_h2g(struct pump *p, struct lane *l)
 {
-    int budget = BUDGET, r;
+    int budget = BUDGET;
 
     disable(l);
     for (;;) {
@@ -502,20 +508,8 @@ static void run_h2g(struct pump *p, struct lane *l)
                 make_ready(p, l);
                 break;
             }
-            r = pop(p, l);
-            if (r < 0)
+            if (next_chain(p, l) <= 0)
                 break;
-            if (r == 0) {
-                r = enable(p, l);
-                if (r < 0)
-                    break;
-                if (r == 0) {
-                    want_sock(p, l, 0);
-                    break;
-                }
-                disable(l);
-                continue;
-            }
         }
         if (l->chain_len == 0) {
             complete(l, 0);

@@ -18,6 +18,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -755,6 +756,7 @@ pump_t *pump_new(void)
 {
     struct pump *p = calloc(1, sizeof *p);
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TAG_CMD};
+    sigset_t all, old;
     int err;
 
     if (p == NULL)
@@ -769,7 +771,12 @@ pump_t *pump_new(void)
     pthread_mutex_init(&p->cmd_mu, NULL);
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
+    /* The thread blocks every signal (it inherits the mask): they are the main thread's,
+       and its syscalls are never interrupted. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     err = pthread_create(&p->thread, NULL, thread_main, p);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (err) {
         errno = err;
         goto fail;

@@ -37,7 +37,11 @@ with the same messages). A stopped lane is still attached: detach it. After a ch
 queue is past the bad chain and it is not completed (LaneStop.head: complete it empty, as the
 daemon does, then attach again); after a ring error take_back marks the queue broken.
 
-Thread-safety contract: while a lane is attached its SplitQueue must not be used, and guest
+A queue is attached with every chain it took completed (next_avail == next_used), so that
+completion stays in order.
+
+Thread-safety contract: while a lane is attached its SplitQueue must not be used, nobody else
+may read its kick eventfd (a kick read elsewhere is a kick the pump never sees), and guest
 memory and the ring addresses must not change: detach every lane of a memory table before
 unmapping or replacing any region, and re-attach afterwards. The pump's methods may be called
 from any thread; each holds the pump's lock for its bookkeeping. The file descriptors may be
@@ -300,6 +304,13 @@ class Pump:
             if any(e.queue is queue for e in self._lanes.values()):
                 raise ValueError("the queue is attached to another lane")
             lent = queue.lend()
+            if lent.next_avail != lent.next_used:
+                # The pump completes in order from next_used: a chain taken before would be
+                # completed by nobody, and live restart's "resume from used idx" would break.
+                raise ValueError(
+                    f"{(lent.next_avail - lent.next_used) % 65536} chains were taken and not "
+                    "completed: push or give them back before attaching"
+                )
             regions = lent.memory.host_regions()
             table = ffi.new("struct pump_region[]", len(regions))
             # Each from_buffer pins its view (and so the mapping) until the lane is detached.

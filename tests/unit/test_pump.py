@@ -356,6 +356,11 @@ def test_api_misuse(guest: Guest, pump: Pump) -> None:
             pump.attach_h2g(1, other.dev, other.kick, other.call, 9999)
         with pytest.raises(KeyError):
             pump.detach(1)
+        other.add([5], write=True)
+        other.kick_if_wanted()
+        assert other.dev.pop() is not None
+        with pytest.raises(ValueError, match="1 chains were taken and not completed"):
+            pump.attach_h2g(1, other.dev, other.kick, other.call, dev.fileno())
         assert pump.lanes() == [0]
 
 

@@ -226,6 +226,23 @@ def test_calls_only_when_asked(guest: Guest, pump: Pump, event_idx: bool) -> Non
         assert drain_calls(q) == st.counters.calls == (2 if event_idx else 1)
 
 
+def test_idle_lanes_do_not_wake(guest: Guest, pump: Pump) -> None:
+    dev, peer = unix_pair()
+    with dev, peer:
+        tx, rx = guest.queue(), guest.queue()
+        pump.attach_g2h(0, tx.dev, tx.kick, tx.call, dev.fileno())
+        pump.attach_h2g(1, rx.dev, rx.kick, rx.call, dev.fileno())
+        rx.add([100], write=True)  # held, waiting for the socket
+        rx.kick_if_wanted()
+        wait_for(lambda: pump.counters(1).kicks == 1, "the rx kick")
+        before = [pump.counters(lane).wakeups for lane in (0, 1)]
+        time.sleep(0.2)
+        assert [pump.counters(lane).wakeups for lane in (0, 1)] == before
+        peer.sendall(b"wake")
+        wait_for(lambda: pump.counters(1).chains == 1, "the rx chain")
+        assert rx.reap()[0][2] == b"wake"
+
+
 def test_blocking_kick_fd_never_blocks_the_thread(guest: Guest, pump: Pump) -> None:
     dev, peer = unix_pair()
     with dev, peer:

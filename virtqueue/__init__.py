@@ -25,6 +25,7 @@ from virtqueue.split import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
     Chain,
+    Lent,
     SplitQueue,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "DriverQueue",
     "GuestMemory",
     "GuestMemoryError",
+    "Lent",
     "MappedMemory",
     "QueueFullError",
     "Region",

@@ -77,6 +77,11 @@ class GuestMemory(ABC):
         """The mapped regions, in the order they were added."""
         return tuple(s.region for s in self._slots)
 
+    def host_regions(self) -> list[tuple[int, memoryview]]:
+        """(guest-physical address, view of all its bytes) of every region, for code that
+        translates addresses itself (the pump); the views pin the mappings while held."""
+        return [(s.gpa, s.buf) for s in self._slots]
+
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest memory [gpa, gpa + length), which must lie in one region."""
         s = self._last_gpa
@@ -109,9 +114,7 @@ class GuestMemory(ABC):
                 if length >= 0 and gpa + length <= s.gpa_end:
                     return s
                 break
-        raise GuestMemoryError(
-            f"guest address range {gpa:#x}+{length:#x} is not inside one memory region"
-        )
+        raise GuestMemoryError.outside(gpa, length)
 
     def _lookup_uva(self, uva: int, length: int) -> _Slot:
         for s in self._slots:

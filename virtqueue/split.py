@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from virtqueue._layout import (
     AVAIL_RING,
@@ -29,8 +30,24 @@ __all__ = [
     "VIRTQ_DESC_F_WRITE",
     "VIRTQ_USED_F_NO_NOTIFY",
     "Chain",
+    "Lent",
     "SplitQueue",
 ]
+
+
+class Lent(NamedTuple):
+    """What SplitQueue.lend() hands an engine that drives the ring in its place."""
+
+    memory: GuestMemory
+    desc: memoryview
+    avail: memoryview
+    used: memoryview
+    size: int
+    next_avail: int
+    next_used: int
+    signalled: int
+    event_idx: bool
+    indirect: bool
 
 
 class Chain:
@@ -151,9 +168,7 @@ class SplitQueue:
             raise RingError(self._broken)
         pending = (self._rings.avail[IDX] - self.next_avail) & 0xFFFF
         if pending > self.size:
-            raise self._break(
-                f"avail idx is {pending} ahead of the device, more than the queue size {self.size}"
-            )
+            raise self._break(str(RingError.avail_ahead(pending, self.size)))
         return pending
 
     def pop(self) -> Chain | None:
@@ -168,7 +183,7 @@ class SplitQueue:
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self._last_popped = head
         if head >= self.size:
-            raise self._break(f"avail ring entry {slot} holds head {head}, queue size {self.size}")
+            raise self._break(str(RingError.head_out_of_range(slot, head, self.size)))
         view = self._mem.view
         segments = walk_chain(self._rings.desc, head, view, indirect=self._indirect)
         readable: list[memoryview] = []
@@ -177,7 +192,7 @@ class SplitQueue:
             for addr, length, flags in segments:
                 (writable if flags & VIRTQ_DESC_F_WRITE else readable).append(view(addr, length))
         except GuestMemoryError as e:
-            raise ChainError(head, f"buffer outside guest memory: {e}") from e
+            raise ChainError.buffer_outside(head, e) from e
         return Chain(head, readable, writable)
 
     def give_back(self, chain: Chain) -> None:
@@ -242,6 +257,27 @@ class SplitQueue:
         """Tell the driver kicks are not needed; a no-op with event_idx, as in Linux."""
         if not self.event_idx:
             self._rings.used[FLAGS] |= VIRTQ_USED_F_NO_NOTIFY
+
+    def lend(self) -> Lent:
+        """The ring areas and positions, for an engine (virtqueue.pump) that drives the ring
+        until it hands it back with take_back(); meanwhile this object must not be used."""
+        if self._broken is not None:
+            raise RingError(self._broken)
+        r = self._rings
+        return Lent(self._mem, r.desc, r.avail, r.used, self.size, self.next_avail,
+                    self.next_used, self._signalled, self.event_idx, self._indirect)
+
+    def take_back(
+        self, next_avail: int, next_used: int, signalled: int, broken: str | None = None
+    ) -> None:
+        """Go on from where the engine lend() served left the ring (`broken`: why it found the
+        ring broken, as pop() would have)."""
+        self.next_avail = next_avail
+        self.next_used = next_used
+        self._signalled = signalled
+        self._last_popped = None
+        if broken is not None:
+            self._broken = broken
 
     def release(self) -> None:
         """Drop the views of the rings so the memory can be unmapped; the queue is unusable."""

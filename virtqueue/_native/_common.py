@@ -83,7 +83,7 @@ def walk_chain(
         try:
             table = view(s.addr, s.value)
         except GuestMemoryError as e:
-            raise ChainError(head, f"indirect table of descriptor {s.at}: {e}") from e
+            raise ChainError.indirect_outside(head, s.at, e) from e
         first = s.segments
         s = step(table, 0, OPT_IN_INDIRECT, s.total, s.seen_write)
         if s.code == DONE:
@@ -91,5 +91,11 @@ def walk_chain(
         where = "indirect table: "
     if s.code == DONE:
         return s.segments
-    n = len(table) // 16
-    raise ChainError(head, where + _REASONS[s.code].format(index=s.at, value=s.value, n=n))
+    raise chain_error(head, s.code, s.at, s.value, len(table) // 16, bool(where))
+
+
+def chain_error(head: int, code: int, index: int, value: int, n: int, indirect: bool) -> ChainError:
+    """The ChainError for walk code `code` at descriptor `index` of an n-entry table (the
+    chain's indirect table if `indirect`); the pump reports its walk faults through it."""
+    where = "indirect table: " if indirect else ""
+    return ChainError(head, where + _REASONS[code].format(index=index, value=value, n=n))

@@ -7,6 +7,7 @@ every request is answered."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import termios
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -528,46 +529,63 @@ async def test_a_pty_is_the_same_across_restarts() -> None:
 
 
 async def _pty_across_restarts(service: Service, port: Any, fd: int, path: str) -> None:
+    async def terminal_read() -> bytes:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+
     for phase, action in enumerate(["term", "kill", "term", "kill"]):
-        rng = random.Random(phase)
-        g2h, h2g = rng.randbytes(256 << 10), rng.randbytes(256 << 10)
-        got_g2h, got_h2g = bytearray(), bytearray()
-
-        async def terminal_reader(got_g2h: bytearray = got_g2h) -> None:
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                try:
-                    data = os.read(fd, 1 << 16)
-                except BlockingIOError:
-                    continue
-                assert data, "the pty hung up"
-                got_g2h.extend(data)
-
-        async def guest_reader(got_h2g: bytearray = got_h2g) -> None:
-            while True:
-                got_h2g.extend(await port.read(timeout=None))
-
-        async with trio.open_nursery() as io:
-            io.start_soon(terminal_reader)
-            io.start_soon(guest_reader)
-            io.start_soon(port.write_all, g2h)
-            io.start_soon(_pty_write_all, fd, h2g)
-            await trio.sleep(0.05 + 0.05 * phase)  # mid-transfer
-            if action == "kill":
-                service.manager.kill()
-            else:
-                assert service.manager.terminate() == 0
-            await trio.to_thread.run_sync(service.start)
-            with trio.fail_after(60):
-                while min(len(got_g2h), len(got_h2g)) < len(g2h):
-                    await trio.sleep(0.02)
-            await trio.sleep(0.3)  # a repeated chunk arrives after its first copy
-            io.cancel_scope.cancel()
-        allowed = 1 if action == "kill" else 0
-        for what, got, sent in [("g2h", got_g2h, g2h), ("h2g", got_h2g, h2g)]:
-            repeats = _repeats_within(bytes(got), sent, MAX_WRITE)
-            assert repeats <= allowed, f"{action} #{phase}: {what} repeated {repeats}"
+        await _both_ways_across(service, action, phase, port, terminal_read,
+                                functools.partial(_pty_write_all, fd), 256 << 10, MAX_WRITE)
         assert os.readlink(service.tmp / "pty") == path
+
+
+async def _both_ways_across(service: Service, action: str, phase: int, port: Any,
+                            host_receive: Callable[[], Awaitable[bytes]],
+                            host_send: Callable[[bytes], Awaitable[object]], size: int,
+                            window: int) -> bytes:
+    """`size` random bytes each way at once, between the guest's `port` and a host side,
+    with `action` ("kill": SIGKILL, "term": a planned restart) in the middle: every byte
+    arrives, a stretch of at most `window` bytes repeated at most once per direction for a
+    kill, never for a planned restart. What the host side received."""
+    rng = random.Random(phase)
+    g2h, h2g = rng.randbytes(size), rng.randbytes(size)
+    got_g2h, got_h2g = bytearray(), bytearray()
+
+    async def host_reader() -> None:
+        while True:
+            data = await host_receive()
+            assert data, "the host side's connection ended"
+            got_g2h.extend(data)
+
+    async def guest_reader() -> None:
+        while True:
+            got_h2g.extend(await port.read(timeout=None))
+
+    async with trio.open_nursery() as io:
+        io.start_soon(host_reader)
+        io.start_soon(guest_reader)
+        io.start_soon(port.write_all, g2h)
+        io.start_soon(host_send, h2g)
+        await trio.sleep(0.05 + 0.05 * phase)  # mid-transfer
+        if action == "kill":
+            service.manager.kill()
+        else:
+            assert service.manager.terminate() == 0
+        await trio.to_thread.run_sync(service.start)
+        with trio.fail_after(60):
+            while min(len(got_g2h), len(got_h2g)) < size:
+                await trio.sleep(0.02)
+        await trio.sleep(0.3)  # a repeated stretch arrives after its first copy
+        io.cancel_scope.cancel()
+    allowed = 1 if action == "kill" else 0
+    for what, got, sent in [("g2h", got_g2h, g2h), ("h2g", got_h2g, h2g)]:
+        repeats = _repeats_within(bytes(got), sent, window)
+        assert repeats <= allowed, f"{action} #{phase}: {what} repeated {repeats}"
+    return bytes(got_g2h)
 
 
 CONSOLE_CONFIG = """
@@ -606,7 +624,10 @@ async def test_console_readers_stay_attached_across_restarts() -> None:
                 reader = await _connect(str(service.tmp / "console.sock"))
                 seen = bytearray()
                 for phase, action in enumerate(["term", "kill", "term", "kill"]):
-                    await _console_phase(service, port, reader, seen, phase, action)
+                    seen += await _both_ways_across(
+                        service, action, phase, port, functools.partial(reader.receive_some,
+                                                                        1 << 16),
+                        reader.send_all, 128 << 10, PEER_REPEAT)
                 late = await _connect(str(service.tmp / "console.sock"))
                 scrollback = bytearray()
                 with trio.fail_after(10):
@@ -619,42 +640,3 @@ async def test_console_readers_stay_attached_across_restarts() -> None:
     assert isinstance(stats, dict)
     backend = stats["ports"]["1"]["backend"]
     assert backend["writers"] == 1 and backend["input_dropped"] == 0, backend
-
-
-async def _console_phase(service: Service, port: Any, reader: Any, seen: bytearray,
-                         phase: int, action: str) -> None:
-    rng = random.Random(phase)
-    g2h, h2g = rng.randbytes(128 << 10), rng.randbytes(128 << 10)
-    got_g2h, got_h2g = bytearray(), bytearray()
-
-    async def read_reader() -> None:
-        while True:
-            data = await reader.receive_some(1 << 16)
-            assert data, "the console reader's connection ended"
-            got_g2h.extend(data)
-
-    async def read_guest() -> None:
-        while True:
-            got_h2g.extend(await port.read(timeout=None))
-
-    async with trio.open_nursery() as io:
-        io.start_soon(read_reader)
-        io.start_soon(read_guest)
-        io.start_soon(port.write_all, g2h)
-        io.start_soon(reader.send_all, h2g)
-        await trio.sleep(0.05 + 0.05 * phase)  # mid-transfer
-        if action == "kill":
-            service.manager.kill()
-        else:
-            assert service.manager.terminate() == 0
-        await trio.to_thread.run_sync(service.start)
-        with trio.fail_after(60):
-            while min(len(got_g2h), len(got_h2g)) < len(g2h):
-                await trio.sleep(0.02)
-        await trio.sleep(0.3)  # a repeated stretch arrives after its first copy
-        io.cancel_scope.cancel()
-    allowed = 1 if action == "kill" else 0
-    for what, got, sent in [("g2h", got_g2h, g2h), ("h2g", got_h2g, h2g)]:
-        repeats = _repeats_within(bytes(got), sent, PEER_REPEAT)
-        assert repeats <= allowed, f"{action} #{phase}: {what} repeated {repeats}"
-    seen.extend(got_g2h)

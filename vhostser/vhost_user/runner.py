@@ -45,6 +45,7 @@ class VringRunner:
         # have closed vring.kick_fd and its number may belong to another file.
         self._kick = os.dup(vring.kick_fd)
         self._wake = trio.Event()
+        self._done = False  # the ring stopped or broke: no round runs any more
 
     def poke(self) -> None:
         """The device can make progress again: run `service` soon."""
@@ -66,25 +67,41 @@ class VringRunner:
             os.close(self._kick)
 
     async def _watch_kicks(self, kick: int) -> None:
+        # A kick is served here, in the task that saw it, rather than handed to _serve's task
+        # through the event: one trio task switch less per kick (a round trip has one).
         while True:
             await wait_eventfd(kick)
-            self._wake.set()
+            if not self._round():
+                return
 
     async def _serve(self) -> None:
-        queue = self.queue
-        while self.vring.queue is queue:
+        while True:
+            # Made before the round: a poke during it (the service settles its outputs) is
+            # for this round's successor and must not be lost.
             self._wake = trio.Event()
+            if not self._round():
+                return
+            await self._wake.wait()
+
+    def _round(self) -> bool:
+        """Serve until the ring wants kicks or the device side blocks (the notification
+        dance); False once the ring stopped or broke (then the runner ends)."""
+        queue = self.queue
+        while not self._done and self.vring.queue is queue:
             try:
                 queue.disable_notifications()
                 wants_kicks = self._service()
                 if self.vring.queue is not queue:
-                    return  # stopped while serving
+                    break  # stopped while serving
                 if queue.should_notify():
                     self.vring.notify()
                 if wants_kicks and queue.enable_notifications():
                     continue  # buffers arrived between the drain and re-enabling
+                return True
             except RingError as e:
                 # Nothing on this ring can be trusted until the driver sets it up again.
                 self._on_broken(self.vring, str(e))
-                return
-            await self._wake.wait()
+                break
+        self._done = True
+        self._wake.set()  # _serve's task ends the runner, whichever task saw the end
+        return False

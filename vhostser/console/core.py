@@ -621,21 +621,28 @@ class ConsoleCore:
         if port is None:
             return False
         index = rx_queue(port_id)
-        while port.staging:
-            chain = self._pop(index, ring)
-            if chain is None:
-                return True
-            if not chain.writable:
-                self._count_bad_chain("rx-readonly")
-                self._limit.warning(f"vring {index}: read-only rx chains",
-                                    "vring %d (port %d): rx chain %d has no writable buffer",
-                                    index, port_id, chain.head)
-                ring.push(chain.head, 0)
-                continue
-            n = chain.write(self.take_staged(port_id, chain.writable_len))
-            self.consumed(port_id, n)
-            ring.push(chain.head, n)
-        return False
+        staging = port.staging
+        filled = False
+        try:
+            while staging:
+                chain = self._pop(index, ring)
+                if chain is None:
+                    return True
+                if not chain.writable:
+                    self._count_bad_chain("rx-readonly")
+                    self._limit.warning(f"vring {index}: read-only rx chains",
+                                        "vring %d (port %d): rx chain %d has no writable "
+                                        "buffer", index, port_id, chain.head)
+                    ring.push(chain.head, 0)
+                    continue
+                n = chain.write(staging.peek(chain.writable_len))
+                self._consumed(port, n)
+                filled = True
+                ring.push(chain.head, n)
+            return False
+        finally:
+            if filled:  # once for the whole drain, not per buffer: senders wake once
+                self._outputs.append(Credit(port_id))
 
     def take_staged(self, port_id: int, n: int) -> memoryview | bytes:
         """The first n staged host bytes, to copy into a guest rx buffer (then `consumed`)."""
@@ -643,11 +650,13 @@ class ConsoleCore:
 
     def consumed(self, port_id: int, n: int) -> None:
         """n staged bytes went into one guest rx buffer."""
-        port = self.state.ports[port_id]
+        self._consumed(self.state.ports[port_id], n)
+        self._outputs.append(Credit(port_id))
+
+    def _consumed(self, port: PortState, n: int) -> None:
         port.staging.consume(n)
         port.counters.bytes_to_guest += n
         port.counters.buffers_to_guest += 1
-        self._outputs.append(Credit(port_id))
 
     def _serve_tx(self, ring: SplitQueue, port_id: int) -> bool:
         index = tx_queue(port_id)

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 
 import trio
 
@@ -77,6 +77,40 @@ class _Keeper:
     run_scope: trio.CancelScope | None = None  # the running backend's
     down: bool = False  # the backend failed: not called again; its successor is coming
     failures: int = 0  # in a row: since a backend last ran BACKOFF_MAX seconds
+
+
+class _Contained:
+    """ConsoleDevice._contained: `except* Exception` around the block, as a class because it
+    wraps every guest write (a generator context manager costs several times as much)."""
+
+    __slots__ = ("call", "device", "port")
+
+    def __init__(self, device: ConsoleDevice, port: Port, call: str) -> None:
+        self.device, self.port, self.call = device, port, call
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if error is None:
+            return False
+        if not isinstance(error, BaseExceptionGroup):
+            if not isinstance(error, Exception):
+                return False  # cancellation, KeyboardInterrupt...
+            self.device._backend_failed(self.port, self.call, error)
+            return True
+        failed, rest = error.split(Exception)
+        if failed is not None:
+            # One exception in a group: log that one, not its wrapper.
+            errors = failed.exceptions
+            self.device._backend_failed(self.port, self.call,
+                                        errors[0] if len(errors) == 1 else failed)
+        if rest is None:
+            return True
+        if failed is None:
+            return False
+        raise rest
 
 
 class ConsoleDevice:
@@ -226,16 +260,10 @@ class ConsoleDevice:
 
     # ================================================================== backends
 
-    @contextmanager
-    def _contained(self, port: Port, call: str) -> Iterator[None]:
+    def _contained(self, port: Port, call: str) -> _Contained:
         """Around every call into `port`'s backend: what it raises is the port's failure
         (see the module doc), handled here and not raised on. Cancellation passes."""
-        try:
-            yield
-        except* Exception as group:
-            # Usually one exception (wrapped by except*): log that one, not its wrapper.
-            errors = group.exceptions
-            self._backend_failed(port, call, errors[0] if len(errors) == 1 else group)
+        return _Contained(self, port, call)
 
     def _backend_failed(self, port: Port, call: str, error: BaseException) -> None:
         self.counters.backend_failures += 1

@@ -640,3 +640,57 @@ async def test_console_readers_stay_attached_across_restarts() -> None:
     assert isinstance(stats, dict)
     backend = stats["ports"]["1"]["backend"]
     assert backend["writers"] == 1 and backend["input_dropped"] == 0, backend
+
+
+FILE_CONFIG = """
+[vm]
+name = "live"
+max_ports = 2
+admin_socket = "{tmp}/ctl.sock"
+
+[[port]]
+id = 1
+name = "org.test.log"
+backend = {{ type = "file", path = "{tmp}/guest.log", append = false }}
+"""
+
+
+async def test_a_log_file_is_the_same_file_across_restarts() -> None:
+    """The open log file is in the store: a successor writes on to the very file — not
+    truncated again (append = false truncates once, at the first start), and the renamed
+    one if it was renamed since (the path is taken anew only at SIGHUP)."""
+    with a_service(FILE_CONFIG) as service:
+        log_path = service.tmp / "guest.log"
+        log_path.write_bytes(b"from before the first start\n")
+        service.start()
+        async with open_frontend(service.vhost_path) as fe:
+            driver = ConsoleDriver(fe, max_ports=2)
+            await driver.probe()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(driver.run)
+                port = await driver.wait_port("org.test.log")
+                await port.open()
+                written = b""
+                for i, action in enumerate(["kill", "term", "rename", "kill"]):
+                    line = f"line {i}\n".encode()
+                    await port.write_all(line)
+                    written += line
+                    with trio.fail_after(10):
+                        while not log_path.read_bytes().endswith(line):
+                            await trio.sleep(0.02)
+                    if action == "rename":
+                        log_path.rename(service.tmp / "guest.log.1")
+                        log_path = service.tmp / "guest.log.1"
+                        continue
+                    if action == "kill":
+                        service.manager.kill()
+                    else:
+                        assert service.manager.terminate() == 0
+                    await trio.to_thread.run_sync(service.start)
+                await port.write_all(b"last\n")
+                with trio.fail_after(10):
+                    while not log_path.read_bytes().endswith(b"last\n"):
+                        await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+        assert log_path.read_bytes() == written + b"last\n"
+        assert not (service.tmp / "guest.log").exists()

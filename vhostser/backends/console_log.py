@@ -174,6 +174,7 @@ class ConsoleBackend(ConfigurableBackend):
                       self._label(), e)
         if self.sink is not None:
             self.sink.label = self._label()
+            self.sink.custody = custody
             self.sink.open()
         if self.scrollback_limit:
             self.scrollback = custody.fifo("scrollback", self.scrollback_limit)

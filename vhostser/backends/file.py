@@ -39,7 +39,7 @@ from typing import Any, Literal, Self
 
 import trio
 
-from ..console.port import Counters
+from ..console.port import Counters, Custody
 from ..options import Options
 from ..sockets import PeerPolicy
 from .options import ANYONE, ConfigurableBackend
@@ -93,7 +93,9 @@ class FileCounters(Counters):
 
 
 class FileSink:
-    """Appends bytes to a file; survives rotation through `reopen`."""
+    """Appends bytes to a file; survives rotation through `reopen`. The open file is kept in
+    `custody` ("log"): a successor writes on to the very file (even one renamed since, or
+    opened with truncation, which a successor must not repeat)."""
 
     RETRY_OPEN = 1.0  # seconds between attempts to open a file that would not open
 
@@ -107,6 +109,7 @@ class FileSink:
         self._fd = -1
         self._next_open = 0.0
         self._failing_since: int | None = None  # bytes_lost when opening began to fail
+        self.custody = Custody()
 
     @property
     def is_open(self) -> bool:
@@ -156,6 +159,12 @@ class FileSink:
         """Open the file if it is not open; False (logged, counted) if it cannot be."""
         if self._fd >= 0:
             return True
+        if (kept := self.custody.take("log")) is not None:
+            if stat.S_ISREG(os.fstat(kept).st_mode):
+                self._fd, self._truncate = kept, False
+                return True
+            self.custody.release("log")
+            os.close(kept)
         now = time.monotonic()
         if now < self._next_open:
             return False
@@ -170,6 +179,7 @@ class FileSink:
                           "are dropped and counted meanwhile)", self.label, self.path,
                           e.strerror or e, self.RETRY_OPEN)
             return False
+        self.custody.keep("log", self._fd)
         self._opened()
         self._truncate = False  # only the first open of a backend truncates
         return True
@@ -217,13 +227,17 @@ class FileSink:
             return
         old, self._fd = self._fd, fd
         if old >= 0:
+            self.custody.release("log")
             os.close(old)
+        self.custody.keep("log", fd)
         self.counters.reopens += 1
         log.info("%s: reopened %s", self.label, self.path)
         self._opened()
 
     def close(self) -> None:
         if self._fd >= 0:
+            if not self.custody.handing_over:
+                self.custody.release("log")
             os.close(self._fd)
             self._fd = -1
 
@@ -282,8 +296,18 @@ class FileBackend(ConfigurableBackend):
     def should_attach(self) -> bool:
         return (not self.port.config.console) if self.attach == "auto" else bool(self.attach)
 
+    def continuity(self) -> dict[str, Any]:
+        return {"counters": self.counters.as_dict()}
+
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         self.sink.label = self._label()
+        self.sink.custody = self.port.custody
+        try:
+            self.counters = self.sink.counters = FileCounters(
+                **self.port.custody.saved.get("counters", {}))
+        except TypeError as e:
+            log.error("%s: the predecessor's counters are unusable (%s): starting at 0",
+                      self.sink.label, e)
         self.sink.open()
         log.info("%s: logging to %s", self.sink.label, self.path)
         if self.should_attach():

@@ -45,6 +45,12 @@ class VringRunner:
         # have closed vring.kick_fd and its number may belong to another file.
         self._kick = os.dup(vring.kick_fd)
         self._wake = trio.Event()
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Touch the ring no more, from now (another server takes it): a task already woken
+        would otherwise serve it once more before a cancellation reaches it."""
+        self._stopped = True
 
     def poke(self) -> None:
         """The device can make progress again: run `service` soon."""
@@ -72,7 +78,7 @@ class VringRunner:
 
     async def _serve(self) -> None:
         queue = self.queue
-        while self.vring.queue is queue:
+        while self.vring.queue is queue and not self._stopped:
             self._wake = trio.Event()
             try:
                 queue.disable_notifications()

@@ -407,6 +407,7 @@ class Daemon:
             self.store.keep(name, fd)
 
     def snapshot(self) -> dict[str, Any]:
+        self.device.fastpath.sync()
         for pid, port in self.device.ports.items():
             self.next_ids[pid] = port.next_session_id
         return {
@@ -671,6 +672,7 @@ class Daemon:
         ]
 
     def stats(self) -> dict[str, Any]:
+        self.device.fastpath.sync()
         ports = {}
         for pid, port in sorted(self.device.ports.items()):
             entry = port.counters.as_dict()

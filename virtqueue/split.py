@@ -279,6 +279,14 @@ class SplitQueue:
         if broken is not None:
             self._broken = broken
 
+    def unpop(self) -> None:
+        """The chain taken last goes back to the avail side (an engine took it and left it
+        uncompleted): the next pop() takes it again."""
+        if self.next_avail == self.next_used:
+            raise ValueError("no chain is taken and not completed")
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+        self._last_popped = None
+
     def release(self) -> None:
         """Drop the views of the rings so the memory can be unmapped; the queue is unusable."""
         self._rings.release()

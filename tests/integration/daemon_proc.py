@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,10 @@ def notifications(sock: socket.socket, want: str, timeout: float,
 class DaemonProcess:
     def __init__(self, tmp: Path, config: str, *, name: str = "vm",
                  stdout: int | None = subprocess.DEVNULL,
-                 preexec_fn: Callable[[], None] | None = None, admin: str = "ctl.sock") -> None:
+                 preexec_fn: Callable[[], None] | None = None, admin: str = "ctl.sock",
+                 env: Mapping[str, str] | None = None) -> None:
         """Start a daemon on `config` (a TOML text; {tmp} → `tmp`) without waiting for it;
-        `admin`: its admin socket, relative to `tmp`."""
+        `admin`: its admin socket, relative to `tmp`; `env`: added to its environment."""
         self.tmp = tmp
         self.admin = str(tmp / admin)
         self.config = tmp / f"{name}.toml"
@@ -55,12 +56,12 @@ class DaemonProcess:
         notify_path.unlink(missing_ok=True)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(notify_path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        environ = dict(os.environ, NOTIFY_SOCKET=str(notify_path), **(env or {}))
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vhostser", "run", "--config", str(self.config),
                  "--log-level", "debug"],
-                cwd=ROOT, env=env, stdout=stdout, stderr=err, preexec_fn=preexec_fn,
+                cwd=ROOT, env=environ, stdout=stdout, stderr=err, preexec_fn=preexec_fn,
             )
 
     def stderr(self) -> str:

@@ -54,7 +54,9 @@ async def _write_into_a_peer_that_leaves(d: DaemonProcess) -> None:
 
 
 def test_peer_backend_ledger_is_in_the_metrics(tmp_path: Path) -> None:
-    with daemon_process(tmp_path, CONFIG) as d:
+    # The Python data path: it queues guest bytes for the peer, which are dropped (counted)
+    # when the peer leaves. The native one queues none (a guest write waits in its ring).
+    with daemon_process(tmp_path, CONFIG, env={"VHOSTSER_DATAPLANE": "python"}) as d:
         d.ready()
         trio.run(_write_into_a_peer_that_leaves, d)
         stats = d.ctl_json("stats")["ports"]["1"]

@@ -389,6 +389,9 @@ class PeerBackend(ConfigurableBackend):
         self._nursery: trio.Nursery | None = None
         self._timer: float | None = None  # when a pending _wake_at fires
         self._departed = trio.Event()  # set (and replaced) whenever a peer leaves
+        # The device's native data plane has the one peer's socket (see native_socket).
+        self._native = False
+        self._native_off = trio.Event()
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], where: str,
@@ -411,6 +414,28 @@ class PeerBackend(ConfigurableBackend):
         return {**self.endpoint.info(self.address), "role": self.opts.role,
                 "mode": self.opts.mode, "peers": len(self._live()),
                 "max_peers": self.opts.max_peers}
+
+    # ------------------------------------------------------------------ native data plane
+
+    def native_socket(self) -> int | None:
+        # Stream mode, one live peer, nothing queued for it or refused: every byte would go
+        # the way the native data plane sends it (a guest write blocks on a slow peer).
+        if self.opts.mode != "stream" or self.opts.slow_peer != "block" or self._blocked:
+            return None
+        if len(self.peers) != 1 or not self.peers[0].live or len(self.peers[0].out):
+            return None
+        return self.peers[0].stream.socket.fileno()
+
+    def native_engaged(self, engaged: bool) -> None:
+        self._native = engaged
+        if not engaged:
+            self._native_off.set()
+            self._native_off = trio.Event()
+
+    def native_moved(self, *, to_host: int, from_host: int) -> None:
+        self.counters.bytes_to_peers += to_host
+        self.counters.bytes_sent += to_host
+        self.counters.bytes_from_peers += from_host
 
     # ------------------------------------------------------------------ port callbacks
 
@@ -765,6 +790,7 @@ class PeerBackend(ConfigurableBackend):
             peer.push(encode(Open(session.id, session.port_name)))  # else session_opened did
         custody.changed()
         self._maybe_resume()
+        self.port.settle()  # one peer more: the device decides where bytes go again
         return peer
 
     def _depart(self, peer: Peer) -> None:
@@ -883,6 +909,9 @@ class PeerBackend(ConfigurableBackend):
             data = await peer.peek()
             if not data:
                 return
+            if self._native:
+                await self._native_off.wait()  # the native data plane reads them meanwhile
+                continue
             if peer.closing:
                 continue
             # Only ever into the session the bytes were read in (the port drops the rest of

@@ -183,13 +183,49 @@ class ConsoleCore:
         self._broken: dict[int, str] = {}
         # Handed over (see `freeze`): nothing moves any more.
         self.frozen = False
+        # Rings lent to the native data plane (console.fastpath): not served here. Before
+        # anything about a port changes, `before_change(port_id)` takes its rings back.
+        self.lent: set[int] = set()
+        self.before_change: Callable[[int], None] = lambda port_id: None
+        # Per port: bytes of the next tx chain the native data plane already sent.
+        self._skip: dict[int, int] = {}
 
     def freeze(self) -> None:
         """The state as it is now goes to a successor (a planned restart): from here no ring
         is served, no host byte or event taken, so nothing changes behind the snapshot that
         the successor resumes from (a task already woken would otherwise move bytes, and
         count them, after it)."""
+        for pid in list(self.state.ports):
+            self.before_change(pid)
         self.frozen = True
+
+    # ================================================================== native data plane
+
+    def native_ok(self, port_id: int) -> bool:
+        """Whether port `port_id`'s bytes need no decision now: its session is open on both
+        sides, nothing is staged, held or half sent, and both its rings run unbroken."""
+        port = self.state.ports.get(port_id)
+        rings = (tx_queue(port_id), rx_queue(port_id))
+        return (port is not None and not self.frozen and not port.config.console
+                and port.session is State.A and not port.staging
+                and port_id not in self._held and port_id not in self._skip
+                and all(i in self._rings and i not in self._broken and i not in self.lent
+                        for i in rings))
+
+    def lend(self, index: int) -> None:
+        self.lent.add(index)
+
+    def take_back(self, index: int) -> None:
+        self.lent.discard(index)
+
+    def resume_chain(self, port_id: int, offset: int) -> None:
+        """The next tx chain of the port was sent in part (`offset` bytes, counted)."""
+        self._skip[port_id] = offset
+
+    def retake(self, index: int) -> None:
+        """Ring `index`'s last chain taken is to be taken again (the native data plane
+        stopped at it without completing it: the core decides what it is)."""
+        self._rings[index].unpop()
 
     @property
     def held_ports(self) -> list[int]:
@@ -462,8 +498,9 @@ class ConsoleCore:
         """Serve the started queue `index`: True if it stopped for lack of guest buffers (so
         kicks are wanted), False if the device side is blocked (a Wake output follows when it
         can go on). RingError propagates: the ring cannot be trusted any more (see
-        `ring_broken`). A broken port queue is not served, nor any once frozen."""
-        if index in self._broken or self.frozen:
+        `ring_broken`). A broken port queue is not served, nor a lent one, nor any once
+        frozen."""
+        if index in self._broken or index in self.lent or self.frozen:
             return False
         ring = self._rings[index]
         if index == CONTROL_TX:
@@ -673,6 +710,9 @@ class ConsoleCore:
                     ring.push(chain.head, 0)
                     continue
                 held = (chain, chain.read())
+                if skip := self._skip.pop(port_id, 0):
+                    # Sent (and counted) by the native data plane before it stopped.
+                    held = (chain, held[1][skip:])
             chain, data = held
             if not self.guest_bytes(port_id, data):
                 self._held[port_id] = held
@@ -728,9 +768,11 @@ class ConsoleCore:
         waits for the device to consume PORT_OPEN(0), so nothing of a later open is there."""
         dropped = 0
         while (chain := self._pop(index, ring)) is not None:
-            port.counters.bytes_guest_wrote += chain.readable_len
-            port.counters.drop("from_guest", "stale", chain.readable_len)
-            dropped += chain.readable_len
+            # What the native data plane sent of it was counted then.
+            n = chain.readable_len - self._skip.pop(port.config.id, 0)
+            port.counters.bytes_guest_wrote += n
+            port.counters.drop("from_guest", "stale", n)
+            dropped += n
             ring.push(chain.head, 0)
         if dropped:
             self._limit.info(f"port {port.config.id}: unsent bytes dropped",
@@ -808,6 +850,7 @@ class ConsoleCore:
 
     def _apply(self, port: PortState, event: Input) -> None:
         """Feed one input to the port's session machine and carry out its effects."""
+        self.before_change(port.config.id)
         step = transition(port.session, event)
         old = port.session
         port.session = step.state

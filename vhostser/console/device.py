@@ -49,7 +49,9 @@ from .core import (
     SessionOpened,
     StateChanged,
     Wake,
+    port_of_queue,
 )
+from .fastpath import FastPath
 from .port import Custody, Port, PortBackend
 from .session import Input
 from .state import DeviceCounters, DeviceState, PortConfig, StateError
@@ -138,6 +140,11 @@ class ConsoleDevice:
         self._keepers: dict[int, _Keeper] = {}
         self._failure_log = RateLimiter(log, burst=1, interval=10.0)
         self._runners: dict[int, tuple[trio.CancelScope, VringRunner]] = {}
+        self._vrings: dict[int, Vring] = {}  # started ones
+        self.fastpath = FastPath(self.core, nursery, self._vrings.get, self._stop_runner,
+                                 self._start_runner)
+        self.core.before_change = self.fastpath.disengage
+        self._settling = 0
         # Called when the device itself cannot go on (a broken control queue): NEEDS_RESET.
         self.on_broken: Callable[[Vring | None, str], None] = lambda vring, reason: None
         # Called when the config space changed (console size) so the front end tells the guest.
@@ -322,7 +329,17 @@ class ConsoleDevice:
     # ================================================================== core outputs
 
     def settle(self) -> None:
-        """Carry out what the core decided, in order (a callback may add more)."""
+        """Carry out what the core decided, in order (a callback may add more); then hand
+        the ports whose bytes need no decision to the native data plane."""
+        self._settling += 1
+        try:
+            self._carry_out()
+        finally:
+            self._settling -= 1
+        if not self._settling:
+            self.fastpath.consider(self.ports)
+
+    def _carry_out(self) -> None:
         while outputs := self.core.outputs():
             for out in outputs:
                 if isinstance(out, Wake):
@@ -385,6 +402,12 @@ class ConsoleDevice:
 
     def queue_started(self, vring: Vring) -> None:
         assert vring.queue is not None
+        self._vrings[vring.index] = vring
+        self._start_runner(vring)
+        self.core.ring_started(vring.index, vring.queue)
+        self.settle()
+
+    def _start_runner(self, vring: Vring) -> None:
         index = vring.index
         scope = trio.CancelScope()
         runner = VringRunner(vring, lambda: self._serve(index), self._ring_broken)
@@ -395,13 +418,19 @@ class ConsoleDevice:
                 await runner.run()
 
         self._nursery.start_soon(run)
-        self.core.ring_started(index, vring.queue)
-        self.settle()
+        runner.poke()  # what came while it was not watched
+
+    def _stop_runner(self, index: int) -> None:
+        entry = self._runners.pop(index, None)
+        if entry is not None:
+            entry[1].stop()
+            entry[0].cancel()
 
     def queue_stopped(self, vring: Vring) -> None:
-        entry = self._runners.pop(vring.index, None)
-        if entry is not None:
-            entry[0].cancel()
+        if (where := port_of_queue(vring.index)) is not None:
+            self.fastpath.disengage(where[0])
+        self._vrings.pop(vring.index, None)
+        self._stop_runner(vring.index)
         self.core.ring_stopped(vring.index)
         self.settle()
 
@@ -434,4 +463,5 @@ class ConsoleDevice:
         try:
             return self.core.service(index)
         finally:
+            self.fastpath.served(index)
             self.settle()

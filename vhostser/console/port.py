@@ -131,6 +131,19 @@ class PortBackend:
         """The backend's own counters by name, for `stats`; by default its `counters`."""
         return {} if self.counters is None else self.counters.as_dict()
 
+    def native_socket(self) -> int | None:
+        """A stream socket the port's bytes may move through both ways, as they come,
+        without this backend (the device's native data plane, console.fastpath): only when
+        nothing the backend does would differ. None here: the backend sees every byte."""
+        return None
+
+    def native_engaged(self, engaged: bool) -> None:
+        """The native data plane took `native_socket()` (True: read it no more) or gave it
+        back (False)."""
+
+    def native_moved(self, *, to_host: int, from_host: int) -> None:
+        """What the native data plane moved through the socket since it last said."""
+
     async def drain(self) -> None:
         """Return once what this backend has queued for its peers went out (the last frames
         of a session that just closed). The port is being removed or the daemon stops; the
@@ -229,6 +242,10 @@ class Port:
             log.debug("port %d: %s after removal ignored", self.id, event.value)
             return
         self._core.host_event(self.id, event)
+        self._settle()
+
+    def settle(self) -> None:
+        """Something the device decides on changed in the backend (a peer came or went)."""
         self._settle()
 
     def send(self, data: bytes | memoryview, session: Session | None = None) -> int:

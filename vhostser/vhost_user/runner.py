@@ -47,6 +47,11 @@ class VringRunner:
         self._wake = trio.Event()
         self._done = False  # the ring stopped or broke: no round runs any more
 
+    def stop(self) -> None:
+        """Touch the ring no more, from now (another server takes it): a task already woken
+        would otherwise serve it once more before a cancellation reaches it."""
+        self._done = True
+
     def poke(self) -> None:
         """The device can make progress again: run `service` soon."""
         self._wake.set()

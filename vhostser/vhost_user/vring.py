@@ -39,6 +39,9 @@ class Vring:
         # Failed call/err eventfd writes, by which; each fd's first failure is logged.
         self.eventfd_failures: Counter[str] = Counter()
         self._failure_logged: set[str] = set()
+        # Told just before the kick or call fd changes: whoever serves the ring with its own
+        # copy of them (the native data plane) gives the ring back first.
+        self.fd_changing: Callable[[], None] = lambda: None
 
     @property
     def started(self) -> bool:
@@ -96,6 +99,8 @@ class Vring:
         """Replace the kick, call or err fd, closing the one it replaces."""
         attr = f"{which}_fd"
         old = getattr(self, attr)
+        if which != "err" and old != fd:
+            self.fd_changing()
         if old is not None and old != fd:
             self.custody(self.fd_name(which), None)
             close_fd(old)

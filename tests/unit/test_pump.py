@@ -299,7 +299,7 @@ def test_g2h_hand_over_back_and_forth(guest: Guest, pump: Pump, event_idx: bool)
         offsets = []
 
         def between() -> None:
-            if rng.random() < 0.3:
+            if not offsets or rng.random() < 0.3:  # batches vary with timing: one at least
                 st = pump.detach(0)
                 offsets.append(st.offset)
                 if rng.random() < 0.5:
@@ -329,7 +329,7 @@ def test_h2g_hand_over_back_and_forth(guest: Guest, pump: Pump, event_idx: bool)
         hand_overs = []
 
         def between() -> None:
-            if rng.random() < 0.3:
+            if not hand_overs or rng.random() < 0.3:  # batches vary with timing: one at least
                 st = pump.detach(0)
                 hand_overs.append(st)
                 py_h2g(q.dev, dev, q.call)

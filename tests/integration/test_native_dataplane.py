@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pytest
 import trio
 
 from .daemon_proc import DaemonProcess, daemon_process, running_guest
@@ -27,10 +26,6 @@ backend = {{ type = "unix", path = "{tmp}/peer.sock" }}
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug, why the native data plane is opt-in: after a guest close and reopen the host "
-    "gets session 0's chains again (from a 32 KiB chain boundary ~256 KiB in), as if the "
-    "re-attached tx lane started from an old avail position"))
 def test_a_stream_peer_on_the_native_data_plane(tmp_path: Path) -> None:
     with daemon_process(tmp_path, CONFIG, env={"VHOSTSER_DATAPLANE": "native"}) as d:
         d.ready()

@@ -1,7 +1,9 @@
 """The native data plane (console.fastpath over virtqueue.pump), opted into with
 VHOSTSER_DATAPLANE=native, under a real daemon process: a stream peer and the guest move
 4 MiB each way at once byte for byte, the port is engaged while they do, a guest close and
-reopen takes it back to the Python path and onto the pump again, and the ledger balances."""
+reopen takes it back to the Python path and onto the pump again (the close's drop of
+unsent chains once took a lent ring at stale positions: the peer got old chains again),
+and the ledger balances."""
 
 from __future__ import annotations
 

@@ -24,10 +24,9 @@ Delivery across a SIGKILL is as the pump's module doc says (at most one chain pe
 again, nothing lost): the live restart resumes from the used index in guest memory, which
 the pump publishes per chain.
 
-Not yet the default: VHOSTSER_DATAPLANE=native turns it on. The stateful daemon test
-(tests/integration/test_daemon_stateful.py) run with it finds the clean port's host
-receiving bytes twice after a front-end reconnect followed by a guest close and reopen;
-until that is understood every port stays on the Python path unless asked.
+Not yet the default: VHOSTSER_DATAPLANE=native turns it on. With it, `vhostser soak`
+(resets, driver reinits, hostile rings and flapping peers at once) stalls within its first
+epochs; until that is understood every port stays on the Python path unless asked.
 """
 
 from __future__ import annotations

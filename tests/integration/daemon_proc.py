@@ -116,11 +116,12 @@ def daemon_process(tmp: Path, config: str, **kwargs: Any) -> Iterator[DaemonProc
 
 
 @asynccontextmanager
-async def running_guest(path: str | os.PathLike[str]) -> AsyncIterator[ConsoleDriver]:
-    """A guest driver (max_ports 4) up and running behind a front end on the vhost-user
-    socket `path`, until the block ends."""
+async def running_guest(path: str | os.PathLike[str],
+                        max_ports: int = 4) -> AsyncIterator[ConsoleDriver]:
+    """A guest driver up and running behind a front end on the vhost-user socket `path`,
+    until the block ends."""
     async with open_frontend(path) as fe:
-        driver = ConsoleDriver(fe, max_ports=4)
+        driver = ConsoleDriver(fe, max_ports=max_ports)
         await driver.probe()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(driver.run)

@@ -29,9 +29,11 @@ from hypothesis import strategies as st
 
 from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode_data
 from vhostser.continuity import StateRegion
-from vhostser.testing import open_frontend
+from vhostser.testing import open_frontend, read_some
 from vhostser.testing.console_driver import MAX_WRITE, ConsoleDriver
 from vhostser.testing.manager import ServiceManager
+
+from .daemon_proc import running_guest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -505,23 +507,18 @@ async def test_a_pty_is_the_same_across_restarts() -> None:
     direction, exactly after a planned restart), raw mode kept."""
     with a_service(PTY_CONFIG) as service:
         service.start()
-        async with open_frontend(service.vhost_path) as fe:
-            driver = ConsoleDriver(fe, max_ports=2)
-            await driver.probe()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(driver.run)
-                port = await driver.wait_port("org.test.pty")
-                await port.open()
-                path = os.readlink(service.tmp / "pty")
-                fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-                try:
-                    await _pty_across_restarts(service, port, fd, path)
-                    assert termios.tcgetattr(fd)[3] & (termios.ECHO | termios.ICANON) == 0
-                finally:
-                    trio.lowlevel.notify_closing(fd)
-                    os.close(fd)
-                names = service.manager.names()
-                nursery.cancel_scope.cancel()
+        async with running_guest(service.vhost_path, max_ports=2) as driver:
+            port = await driver.wait_port("org.test.pty")
+            await port.open()
+            path = os.readlink(service.tmp / "pty")
+            fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+            try:
+                await _pty_across_restarts(service, port, fd, path)
+                assert termios.tcgetattr(fd)[3] & (termios.ECHO | termios.ICANON) == 0
+            finally:
+                trio.lowlevel.notify_closing(fd)
+                os.close(fd)
+            names = service.manager.names()
         assert service.stderr().count("taken back from the predecessor") == 4
     assert {n for n in names if n.startswith("port")} == {
         "port1.pty", "port1.pty.slave", "port1.ptyq", "port1.ptyin", "port1.staging",
@@ -529,16 +526,8 @@ async def test_a_pty_is_the_same_across_restarts() -> None:
 
 
 async def _pty_across_restarts(service: Service, port: Any, fd: int, path: str) -> None:
-    async def terminal_read() -> bytes:
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            try:
-                return os.read(fd, 1 << 16)
-            except BlockingIOError:
-                continue
-
     for phase, action in enumerate(["term", "kill", "term", "kill"]):
-        await _both_ways_across(service, action, phase, port, terminal_read,
+        await _both_ways_across(service, action, phase, port, functools.partial(read_some, fd),
                                 functools.partial(_pty_write_all, fd), 256 << 10, MAX_WRITE)
         assert os.readlink(service.tmp / "pty") == path
 
@@ -614,28 +603,23 @@ async def test_console_readers_stay_attached_across_restarts() -> None:
     scrollback, which outlived the processes too."""
     with a_service(CONSOLE_CONFIG) as service:
         service.start()
-        async with open_frontend(service.vhost_path) as fe:
-            driver = ConsoleDriver(fe, max_ports=2)
-            await driver.probe()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(driver.run)
-                port = await driver.wait_port("org.test.console")
-                await port.open()
-                reader = await _connect(str(service.tmp / "console.sock"))
-                seen = bytearray()
-                for phase, action in enumerate(["term", "kill", "term", "kill"]):
-                    seen += await _both_ways_across(
-                        service, action, phase, port, functools.partial(reader.receive_some,
-                                                                        1 << 16),
-                        reader.send_all, 128 << 10, PEER_REPEAT)
-                late = await _connect(str(service.tmp / "console.sock"))
-                scrollback = bytearray()
-                with trio.fail_after(10):
-                    while len(scrollback) < 4096:
-                        scrollback.extend(await late.receive_some(1 << 16))
-                assert scrollback == seen[-4096:]
-                stats = await trio.to_thread.run_sync(service.ctl, "stats")
-                nursery.cancel_scope.cancel()
+        async with running_guest(service.vhost_path, max_ports=2) as driver:
+            port = await driver.wait_port("org.test.console")
+            await port.open()
+            reader = await _connect(str(service.tmp / "console.sock"))
+            seen = bytearray()
+            for phase, action in enumerate(["term", "kill", "term", "kill"]):
+                seen += await _both_ways_across(
+                    service, action, phase, port, functools.partial(reader.receive_some,
+                                                                    1 << 16),
+                    reader.send_all, 128 << 10, PEER_REPEAT)
+            late = await _connect(str(service.tmp / "console.sock"))
+            scrollback = bytearray()
+            with trio.fail_after(10):
+                while len(scrollback) < 4096:
+                    scrollback.extend(await late.receive_some(1 << 16))
+            assert scrollback == seen[-4096:]
+            stats = await trio.to_thread.run_sync(service.ctl, "stats")
         assert service.stderr().count("taken back from the predecessor") == 4
     assert isinstance(stats, dict)
     backend = stats["ports"]["1"]["backend"]
@@ -663,34 +647,29 @@ async def test_a_log_file_is_the_same_file_across_restarts() -> None:
         log_path = service.tmp / "guest.log"
         log_path.write_bytes(b"from before the first start\n")
         service.start()
-        async with open_frontend(service.vhost_path) as fe:
-            driver = ConsoleDriver(fe, max_ports=2)
-            await driver.probe()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(driver.run)
-                port = await driver.wait_port("org.test.log")
-                await port.open()
-                written = b""
-                for i, action in enumerate(["kill", "term", "rename", "kill"]):
-                    line = f"line {i}\n".encode()
-                    await port.write_all(line)
-                    written += line
-                    with trio.fail_after(10):
-                        while not log_path.read_bytes().endswith(line):
-                            await trio.sleep(0.02)
-                    if action == "rename":
-                        log_path.rename(service.tmp / "guest.log.1")
-                        log_path = service.tmp / "guest.log.1"
-                        continue
-                    if action == "kill":
-                        service.manager.kill()
-                    else:
-                        assert service.manager.terminate() == 0
-                    await trio.to_thread.run_sync(service.start)
-                await port.write_all(b"last\n")
+        async with running_guest(service.vhost_path, max_ports=2) as driver:
+            port = await driver.wait_port("org.test.log")
+            await port.open()
+            written = b""
+            for i, action in enumerate(["kill", "term", "rename", "kill"]):
+                line = f"line {i}\n".encode()
+                await port.write_all(line)
+                written += line
                 with trio.fail_after(10):
-                    while not log_path.read_bytes().endswith(b"last\n"):
+                    while not log_path.read_bytes().endswith(line):
                         await trio.sleep(0.02)
-                nursery.cancel_scope.cancel()
+                if action == "rename":
+                    log_path.rename(service.tmp / "guest.log.1")
+                    log_path = service.tmp / "guest.log.1"
+                    continue
+                if action == "kill":
+                    service.manager.kill()
+                else:
+                    assert service.manager.terminate() == 0
+                await trio.to_thread.run_sync(service.start)
+            await port.write_all(b"last\n")
+            with trio.fail_after(10):
+                while not log_path.read_bytes().endswith(b"last\n"):
+                    await trio.sleep(0.02)
         assert log_path.read_bytes() == written + b"last\n"
         assert not (service.tmp / "guest.log").exists()

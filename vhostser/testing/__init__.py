@@ -12,6 +12,7 @@ from .frontend import (
     FrontEnd,
     FrontEndError,
     open_frontend,
+    read_some,
     sealed_memfd,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "FrontEnd",
     "FrontEndError",
     "open_frontend",
+    "read_some",
     "sealed_memfd",
 ]

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from vhostser.backends.framing import Close, Data, FrameDecoder, Open, encode_data
 from vhostser.continuity import StateRegion
-from vhostser.testing import open_frontend, read_some
+from vhostser.testing import open_frontend
 from vhostser.testing.console_driver import MAX_WRITE, ConsoleDriver
 from vhostser.testing.manager import ServiceManager
 
@@ -526,8 +526,16 @@ async def test_a_pty_is_the_same_across_restarts() -> None:
 
 
 async def _pty_across_restarts(service: Service, port: Any, fd: int, path: str) -> None:
+    async def terminal_read() -> bytes:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+
     for phase, action in enumerate(["term", "kill", "term", "kill"]):
-        await _both_ways_across(service, action, phase, port, functools.partial(read_some, fd),
+        await _both_ways_across(service, action, phase, port, terminal_read,
                                 functools.partial(_pty_write_all, fd), 256 << 10, MAX_WRITE)
         assert os.readlink(service.tmp / "pty") == path
 

@@ -12,7 +12,6 @@ from .frontend import (
     FrontEnd,
     FrontEndError,
     open_frontend,
-    read_some,
     sealed_memfd,
 )
 
@@ -27,6 +26,5 @@ __all__ = [
     "FrontEnd",
     "FrontEndError",
     "open_frontend",
-    "read_some",
     "sealed_memfd",
 ]

@@ -172,8 +172,7 @@ def _transfer_accepted(reply: bytes) -> None:
         raise FrontEndError(f"SET_DEVICE_STATE_FD: the back end refused ({status:#x})")
 
 
-async def read_some(fd: int) -> bytes:
-    """Up to 64 KiB from a non-blocking fd, once it has some (b"" at its end)."""
+async def _read_some(fd: int) -> bytes:
     while True:
         await trio.lowlevel.wait_readable(fd)
         try:
@@ -500,7 +499,7 @@ class FrontEnd:
                 os.close(w)
             _transfer_accepted(reply)
             data = bytearray()
-            while chunk := await read_some(r):
+            while chunk := await _read_some(r):
                 data += chunk
         finally:
             _close_watched(r)
